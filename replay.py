@@ -1,0 +1,247 @@
+"""The dataset D of Algorithm 1 (Appendix D): every real step {x_t, a_t, r_t, d_t}, sampled as padded segments.
+
+World-model batches are segments of L = 20 steps that start at a uniform step of a uniformly chosen episode and
+are padded at the end (Appendix A.2); actor-critic batches are 21-step segments that end at a uniform step, the
+20 frames before the start of imagination being the burn-in (Appendix A.3), padded at the start. A segment never
+crosses an episode boundary; the episode still being collected is sampled like the others. The mask says which
+steps are real. Frames live in preallocated contiguous uint8 tensors grown in chunks, on any device, so that
+sampling is a single gather (100k steps of 3x64x64 frames are 1.2 GB).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FILE_FORMAT = "iris-replay-v1"
+FIELDS = ("observations", "actions", "rewards", "ends")  # x_t, a_t, r_t, d_t
+DTYPES = {"observations": torch.uint8, "actions": torch.int64, "rewards": torch.float32, "ends": torch.bool}
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a kill leaves the old file or the new."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _crc32(tensor: torch.Tensor) -> int:
+    return zlib.crc32(tensor.contiguous().numpy().view(np.uint8).reshape(-1))
+
+
+class ReplayBuffer:
+    """Steps in arrival order; episodes are contiguous runs of steps, described by the index of their first step."""
+
+    def __init__(self, obs_shape: tuple[int, ...] = (3, 64, 64), chunk_size: int = 10_000,
+                 device: str | torch.device = "cpu"):
+        self.obs_shape = tuple(obs_shape)
+        self.chunk_size = chunk_size  # steps added per growth: 10k frames are 123 MB
+        self.device = torch.device(device)
+        self._size = 0
+        self._data = {name: torch.empty((0, *self.obs_shape) if name == "observations" else (0,), dtype=dtype,
+                                        device=self.device) for name, dtype in DTYPES.items()}
+        self._episode_starts: list[int] = []  # index of each episode's first step
+        self._episode_open = False  # the last episode is still being collected
+        self._starts_tensor: torch.Tensor | None = None  # (E,) cache of _episode_starts on self.device
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Filling
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return self._data["actions"].shape[0]
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._episode_starts)
+
+    @property
+    def episode_lengths(self) -> list[int]:
+        bounds = self._episode_starts + [self._size]
+        return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def add(self, obs: np.ndarray | torch.Tensor, action: int, reward: float, terminated: bool,
+            truncated: bool = False) -> None:
+        """One real step {x_t, a_t, r_t, d_t}: x_t is the frame a_t was taken in, (64, 64, 3) HWC or (3, 64, 64).
+
+        d_t stores `terminated` only: a time-limit truncation closes the episode but is not an end of the MDP.
+        """
+        # Differs from the reference code: on the old gym API it stores a time-limit truncation as done = 1.
+        frame = self._to_chw(obs)
+        if self._size == self.capacity:
+            self._grow(self._size + 1)
+        if not self._episode_open:
+            self._episode_starts.append(self._size)
+            self._starts_tensor = None
+            self._episode_open = True
+        i = self._size
+        self._data["observations"][i] = frame
+        self._data["actions"][i] = int(action)
+        self._data["rewards"][i] = float(reward)
+        self._data["ends"][i] = bool(terminated)
+        self._size += 1
+        if terminated or truncated:
+            self._episode_open = False
+
+    def close_episode(self) -> None:
+        """End the episode being collected without adding a step (e.g. when a resumed run starts a new game)."""
+        self._episode_open = False
+
+    def truncate(self, num_steps: int) -> None:
+        """Keep the first num_steps steps only (a resumed run drops steps its checkpoint never saw)."""
+        if not 0 <= num_steps <= self._size:
+            raise ValueError(f"cannot truncate a replay buffer of {self._size} steps to {num_steps}")
+        if num_steps < self._size:
+            # The kept part's last episode is still open unless an episode began right after it.
+            self._episode_open = num_steps > 0 and num_steps not in self._episode_starts
+            self._episode_starts = [s for s in self._episode_starts if s < num_steps]
+            self._starts_tensor = None
+            self._size = num_steps
+
+    def _to_chw(self, obs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        frame = torch.as_tensor(obs)
+        if tuple(frame.shape) != self.obs_shape and tuple(frame.shape[-1:] + frame.shape[:-1]) == self.obs_shape:
+            frame = frame.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+        if tuple(frame.shape) != self.obs_shape or frame.dtype != torch.uint8:
+            raise ValueError(f"expected a uint8 frame of shape {self.obs_shape} or its HWC transpose, "
+                             f"got {frame.dtype} {tuple(frame.shape)}")
+        return frame
+
+    def _grow(self, min_capacity: int) -> None:
+        """Reallocate every field to the next multiple of chunk_size and copy the filled part over."""
+        capacity = -(-min_capacity // self.chunk_size) * self.chunk_size
+        for name, old in self._data.items():
+            new = torch.empty((capacity, *old.shape[1:]), dtype=old.dtype, device=self.device)
+            new[: self._size] = old[: self._size]
+            self._data[name] = new
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def _episode_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First step and length of every episode, (E,) int64 each, on self.device."""
+        if self._starts_tensor is None:
+            self._starts_tensor = torch.tensor(self._episode_starts, dtype=torch.int64, device=self.device)
+        starts = self._starts_tensor
+        stops = torch.cat([starts[1:], starts.new_tensor([self._size])])
+        return starts, stops - starts
+
+    def _uniform_below(self, high: torch.Tensor) -> torch.Tensor:
+        """One uniform integer in [0, high_i) per row; exact integer arithmetic (high is at most a few million)."""
+        return torch.randint(0, 2**62, high.shape, device=self.device) % high
+
+    def sample(self, batch_size: int, sequence_length: int, sample_from_start: bool = True,
+               device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """B segments of T steps from uniformly chosen episodes, as one gather.
+
+        sample_from_start=True: a segment starts at a uniform step of its episode, padded at the end.
+        sample_from_start=False: a segment ends at a uniform step of its episode, padded at the start.
+        Returns observations (B, T, 3, 64, 64) uint8, actions (B, T) int64, rewards (B, T) float32,
+        ends (B, T) int64 in {0, 1}, mask (B, T) bool (True on real steps); padding is zeros.
+        """
+        if self._size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        starts, lengths = self._episode_table()  # (E,), (E,)
+        episode = torch.randint(0, len(starts), (batch_size,), device=self.device)  # (B,)
+        length = lengths[episode]  # (B,)
+        pivot = self._uniform_below(length)  # (B,) the step where the segment starts (or ends)
+        steps = torch.arange(sequence_length, device=self.device)  # (T,)
+        if sample_from_start:
+            offset = pivot[:, None] + steps  # (B, T) step within the episode
+        else:
+            offset = pivot[:, None] - (sequence_length - 1) + steps  # (B, T)
+        mask = (offset >= 0) & (offset < length[:, None])  # (B, T)
+        index = torch.where(mask, starts[episode][:, None] + offset, 0).flatten()  # (B*T,); padding reads step 0
+        padding = (~mask).flatten().nonzero().squeeze(1)  # rows of (B*T,) to zero
+        batch = {}
+        for name in FIELDS:
+            # index_select is several times faster than advanced indexing on frames.
+            value = self._data[name].index_select(0, index).index_fill_(0, padding, 0)  # (B*T, ...)
+            batch[name] = value.view(batch_size, sequence_length, *value.shape[1:])  # (B, T, ...)
+        batch["ends"] = batch["ends"].long()
+        batch["mask"] = mask
+        return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+    def sample_frames(self, batch_size: int, device: str | torch.device | None = None) -> torch.Tensor:
+        """B frames drawn uniformly over all steps (tokenizer batches): (B, 3, 64, 64) uint8."""
+        if self._size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        index = torch.randint(0, self._size, (batch_size,), device=self.device)  # (B,)
+        frames = self._data["observations"].index_select(0, index)  # (B, 3, 64, 64)
+        return frames.to(device) if device is not None else frames
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Saving and loading: only the filled part, with a checksum per field, written atomically
+
+    def save(self, path: str | Path) -> None:
+        # A copy: torch.save writes a view's whole storage, preallocated slack included.
+        data = {name: t[: self._size].to("cpu", copy=True) for name, t in self._data.items()}
+        atomic_save({"format": FILE_FORMAT, "obs_shape": list(self.obs_shape), **data,
+                     "episode_starts": torch.tensor(self._episode_starts, dtype=torch.int64),
+                     "episode_open": self._episode_open,
+                     "crc32": {name: _crc32(t) for name, t in data.items()}}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", chunk_size: int = 10_000) -> ReplayBuffer:
+        """The dataset saved at path; a missing, truncated or corrupt file raises an error naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no replay file at {path}")
+        try:
+            # mmap: the frames are read from the file straight into the new buffer, not held twice in memory.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # torch raises several types for a truncated or foreign file
+            raise ValueError(f"replay file {path} is truncated or corrupt and was not loaded ({error})") from error
+        try:
+            problem = _check_state(state)
+        except Exception as error:  # a field of the wrong type, a missing checksum...
+            problem = f"malformed content ({error!r})"
+        if problem:
+            raise ValueError(f"replay file {path} is corrupt and was not loaded: {problem}")
+        buffer = cls(tuple(state["obs_shape"]), chunk_size=chunk_size, device=device)
+        size = len(state["actions"])
+        if size:
+            buffer._grow(size)
+        for name in FIELDS:
+            buffer._data[name][:size] = state[name]
+        buffer._size = size
+        buffer._episode_starts = state["episode_starts"].tolist()
+        buffer._episode_open = bool(state["episode_open"])
+        return buffer
+
+
+def _check_state(state: Any) -> str:
+    """What is wrong with a loaded file's content, or '' if nothing is."""
+    keys = {"format", "obs_shape", "episode_starts", "episode_open", "crc32", *FIELDS}
+    if not isinstance(state, dict) or not keys <= state.keys() or state["format"] != FILE_FORMAT:
+        return f"not an {FILE_FORMAT} file"
+    size = len(state["actions"])
+    if tuple(state["observations"].shape[1:]) != tuple(state["obs_shape"]):
+        return f"frames of shape {tuple(state['observations'].shape[1:])}, expected {tuple(state['obs_shape'])}"
+    for name in FIELDS:
+        t = state[name]
+        if t.dtype != DTYPES[name] or len(t) != size:
+            return f"field {name} has {t.dtype} of length {len(t)}, expected {DTYPES[name]} of length {size}"
+        if _crc32(t) != state["crc32"][name]:
+            return f"checksum mismatch in {name}"
+    starts = state["episode_starts"]
+    valid = len(starts) == 0 if size == 0 else (len(starts) > 0 and starts[0] == 0 and bool(
+        (starts[1:] > starts[:-1]).all()) and starts[-1] < size)
+    return "" if valid else "inconsistent episode boundaries"
