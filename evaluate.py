@@ -1,0 +1,531 @@
+"""Evaluation as in Section 3.2 of the paper: test returns, human-normalised scores (HNS) and the aggregate
+metrics of Table 1 and Figure 5 (mean, median, interquartile mean, optimality gap of Appendix C), each with
+stratified bootstrap confidence intervals (Agarwal et al., 2021).
+
+    python evaluate.py RUN_DIR_OR_CHECKPOINT [--episodes 100] [--envs 8] [--temperature 0.5] [--seed S] [--record]
+    python evaluate.py --aggregate RUN_DIR_OR_EVAL_JSON... [--out aggregate.json]
+
+One run. The first form loads `RUN_DIR/checkpoint.pt` (or the checkpoint file given), plays the test env of
+env.py (no episode end on life loss, ε = 0, episodes capped at 108,000 frames) with the agent sampling at
+temperature 0.5 (Table 5), prints every episode's return, their mean with a bootstrap 95% CI, and the HNS
+(score - random) / (human - random) with the Random and Human scores of Table 1. It writes the same to
+`RUN_DIR/eval.json` (or --out). `--record` saves the best episode as `best_episode.gif` (or .mp4): the real
+64x64 frame x_t beside what the policy sees, x̂_t = D(E(x_t)).
+
+Many runs. `--aggregate` reads one score per run: from RUN_DIR/eval.json (written by the first form: the paper's
+protocol) or else RUN_DIR/final_eval.json (written by train.py at the end of training), or from such a JSON file
+given directly. Each must name its "game" and hold "returns" or "mean_return". Runs of the same game are that
+game's runs (seeds). It prints a table in the layout of Table 1 (the paper's IRIS score beside ours) and the four
+aggregates of HNS with stratified bootstrap 95% CIs.
+
+Which definitions reproduce the paper (Table 1, from IRIS's 5 runs x 26 games, see test_iris.py):
+    mean            of per-game mean HNS                      1.046 (the same pooled over runs x games)
+    median          of per-game mean HNS                      0.289 (pooled over runs x games: 0.284)
+    IQM             25% trimmed mean pooled over runs x games 0.501 (of per-game means: 0.543)
+    optimality gap  mean of max(0, γ - HNS), γ = 1, pooled    0.512 (of per-game means: 0.482)
+These are the definitions of rliable (metrics.aggregate_*), which the authors used. #Superhuman counts games
+whose mean HNS is >= 1 (Pong ties the human score of 14.6; counting it gives the paper's 10).
+Stratified bootstrap: each replicate resamples, with replacement, the runs of every game separately (the games
+are the strata) and recomputes the metric; the CI is the percentile interval (rliable's default).
+
+We do not use rliable itself: it pulls in arch, scipy, pandas and seaborn, none of which the rest of iris needs;
+the four metrics and the bootstrap take a few lines of numpy, tested against the paper's numbers.
+Reference scores (Random, Human, IRIS's published per-run scores) ship in scores.json beside this file.
+Playing episodes needs env.py and train.py (torch, ALE); --aggregate and the metric functions need only numpy.
+"""
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCORES_PATH = Path(__file__).with_name("scores.json")
+METRICS = ("mean", "median", "iqm", "optimality_gap")
+METRIC_LABELS = {"mean": "Mean (↑)", "median": "Median (↑)", "iqm": "IQM (↑)",
+                 "optimality_gap": "Optimality Gap (↓)"}
+
+
+@dataclass
+class EvalConfig:
+    num_episodes: int = 100  # test episodes per run, Section 3.2 ("an average over 100 episodes")
+    # Differs from the reference code: its scripts/eval.py plays the 100 episodes in 25 envs. The count does not bias
+    # the mean: env.run_episodes gives each env a fixed share of the episodes.
+    num_envs: int = 8  # parallel test envs
+    temperature: float = 0.5  # eval sampling temperature, Table 5
+    epsilon: float = 0.0  # no ε-greedy at test time (Table 5's ε = 0.01 is for collection only)
+    seed: int = 0  # seeds the envs, the policy's sampling and the bootstrap
+    bootstrap_reps: int = 50_000  # bootstrap replicates, as the authors' results notebook (rliable)
+    confidence: float = 0.95  # 95% confidence intervals, Figure 5
+    gamma: float = 1.0  # γ, the optimality-gap threshold (human level), Appendix C
+    record_format: str = "gif"  # "gif" (Pillow) or "mp4" (OpenCV)
+    record_scale: int = 2  # upscale the 64x64 frames for viewing
+    record_fps: int = 15  # 60 Hz Atari / frame skip 4
+
+
+class EvaluationError(ValueError):
+    """Bad input that evaluate.py refuses, with a message for the user."""
+
+
+# --- reference scores --------------------------------------------------------------------------------------------
+
+
+def _key(game: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", game.lower())
+
+
+def load_reference_scores(path: Path = SCORES_PATH) -> dict:
+    """{"random": {game: score}, "human": {game: score}, "iris": {game: [score per run]}} from Table 1's sources."""
+    with open(path) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
+def reference(game: str, table: str, scores: dict | None = None):
+    """A game's entry in one reference table ("random", "human", "iris"), or None if the game is not there."""
+    entries = (scores or load_reference_scores())[table]
+    by_key = {_key(name): value for name, value in entries.items()}
+    return by_key.get(_key(game))
+
+
+def human_normalized(returns, game: str, scores: dict | None = None) -> tuple[np.ndarray | None, str | None]:
+    """HNS = (score - random) / (human - random), Section 3.2; (None, reason) for a game without both scores."""
+    scores = scores or load_reference_scores()
+    random_score, human_score = reference(game, "random", scores), reference(game, "human", scores)
+    if random_score is None or human_score is None:
+        return None, f"no Random/Human score for {game} in Table 1 (the 26 Atari 100k games), so no HNS"
+    return (np.asarray(returns, dtype=np.float64) - random_score) / (human_score - random_score), None
+
+
+# --- aggregate metrics (Agarwal et al., 2021) ---------------------------------------------------------------------
+
+
+def interquartile_mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mean of the middle 50%: drop floor(n/4) values at each end (scipy.stats.trim_mean(x, 0.25), as rliable)."""
+    x = np.sort(np.asarray(x, dtype=np.float64), axis=axis)
+    n = x.shape[axis]
+    cut = int(0.25 * n)
+    return np.take(x, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
+
+
+def _aggregates(per_game: list[np.ndarray], gamma: float) -> dict[str, np.ndarray]:
+    """The four metrics from per_game[g]: (..., n_g) HNS of game g's runs; each metric has shape (...)."""
+    game_means = np.stack([runs.mean(-1) for runs in per_game], axis=-1)  # (..., G)
+    pooled = np.concatenate(per_game, axis=-1)  # (..., sum of n_g): all runs x games
+    gaps = np.stack([np.maximum(0.0, gamma - runs).mean(-1) for runs in per_game], axis=-1)  # (..., G)
+    return {
+        "mean": game_means.mean(-1),
+        "median": np.median(game_means, axis=-1),
+        # Pooled: a game with more runs weighs more; with equal runs per game this is rliable's aggregate_iqm.
+        "iqm": interquartile_mean(pooled, axis=-1),
+        # Per-game mean gap, then mean over games: equal to rliable's pooled gap when runs per game are equal.
+        "optimality_gap": gaps.mean(-1),
+    }
+
+
+def aggregate_metrics(hns_by_game: dict[str, list[float]], gamma: float = EvalConfig.gamma) -> dict[str, float]:
+    """Point estimates of mean, median, IQM, optimality gap and #superhuman games (Table 1) of HNS per run."""
+    per_game = [np.asarray(runs, dtype=np.float64) for runs in hns_by_game.values()]
+    metrics = {name: float(value) for name, value in _aggregates(per_game, gamma).items()}
+    # Tolerance: Pong's mean IRIS score equals the human score (14.6) up to float rounding; the paper counts it.
+    metrics["superhuman"] = int(sum(runs.mean() >= 1.0 - 1e-9 for runs in per_game))
+    return metrics
+
+
+def stratified_bootstrap_ci(
+    hns_by_game: dict[str, list[float]],
+    rng: np.random.Generator,
+    reps: int = EvalConfig.bootstrap_reps,
+    confidence: float = EvalConfig.confidence,
+    gamma: float = EvalConfig.gamma,
+) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of the four metrics, resampling each game's runs with replacement (games are the strata)."""
+    per_game = []
+    for runs in hns_by_game.values():
+        runs = np.asarray(runs, dtype=np.float64)
+        per_game.append(runs[rng.integers(0, len(runs), size=(reps, len(runs)))])  # (reps, n_g)
+    replicates = _aggregates(per_game, gamma)  # each (reps,)
+    return {name: _percentile_interval(values, confidence) for name, values in replicates.items()}
+
+
+def bootstrap_mean_ci(values, rng: np.random.Generator, reps: int, confidence: float) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of one run's episode returns."""
+    values = np.asarray(values, dtype=np.float64)
+    means = values[rng.integers(0, len(values), size=(reps, len(values)))].mean(-1)  # (reps,)
+    return _percentile_interval(means, confidence)
+
+
+def _percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+# --- --aggregate: many runs ----------------------------------------------------------------------------------------
+
+
+def read_run_score(path: Path) -> tuple[str, float, Path]:
+    """(game, mean test return, file read) of one run: a run directory or an eval JSON file."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "eval.json", path / "final_eval.json"]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise EvaluationError(f"{path}: no eval.json or final_eval.json; run `python evaluate.py {path}` first")
+        path = found[0]
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise EvaluationError(f"{path}: cannot read a run's scores ({error})") from error
+    game = result.get("game")
+    if "mean_return" in result:
+        mean_return = float(result["mean_return"])
+    elif result.get("returns"):
+        mean_return = float(np.mean(result["returns"]))
+    else:
+        raise EvaluationError(f"{path}: holds neither 'mean_return' nor 'returns'")
+    if not isinstance(game, str):
+        raise EvaluationError(f"{path}: does not name its 'game'")
+    return game, mean_return, path
+
+
+def aggregate_runs(paths: list[Path], config: EvalConfig, scores: dict | None = None) -> dict:
+    """Group runs by game, normalise, and compute the aggregates (ours with CIs, the paper's IRIS on the same games)."""
+    scores = scores or load_reference_scores()
+    returns_by_game: dict[str, list[float]] = {}
+    names = {}  # one spelling per game, the first seen
+    for path in paths:
+        game, mean_return, _ = read_run_score(path)
+        name = names.setdefault(_key(game), game)
+        returns_by_game.setdefault(name, []).append(mean_return)
+    games, hns_by_game, excluded = {}, {}, {}
+    for game, returns in returns_by_game.items():
+        hns, reason = human_normalized(returns, game, scores)
+        iris_runs = reference(game, "iris", scores)
+        games[game] = {
+            "returns_per_run": returns,
+            "mean_return": float(np.mean(returns)),
+            "hns_per_run": None if hns is None else hns.tolist(),
+            "iris_paper": None if iris_runs is None else float(np.mean(iris_runs)),
+            "random": reference(game, "random", scores),
+            "human": reference(game, "human", scores),
+        }
+        if hns is None:
+            excluded[game] = reason
+        else:
+            hns_by_game[game] = hns.tolist()
+    result = {"games": games, "excluded": excluded, "confidence": config.confidence, "seed": config.seed}
+    if hns_by_game:
+        rng = np.random.default_rng(config.seed)
+        ours = aggregate_metrics(hns_by_game, config.gamma)
+        cis = stratified_bootstrap_ci(hns_by_game, rng, config.bootstrap_reps, config.confidence, config.gamma)
+        result["metrics"] = {name: {"value": ours[name], "ci": list(cis[name])} for name in METRICS}
+        result["metrics"]["superhuman"] = {"value": ours["superhuman"], "ci": None}
+        iris_hns = {g: human_normalized(reference(g, "iris", scores), g, scores)[0] for g in hns_by_game}
+        if all(hns is not None for hns in iris_hns.values()):
+            result["iris_paper_metrics"] = aggregate_metrics(iris_hns, config.gamma)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Table 1's layout: per-game returns, then the HNS aggregates (ours with CIs)."""
+    header = f"{'Game':<18}{'Random':>10}{'Human':>10}{'IRIS (paper)':>14}{'Ours':>11}{'runs':>6}"
+    rows = [header, "-" * len(header)]
+    for game, row in sorted(result["games"].items()):
+        cells = [_fmt(row["random"], ".1f"), _fmt(row["human"], ".1f"), _fmt(row["iris_paper"], ".1f")]
+        rows.append(f"{game:<18}{cells[0]:>10}{cells[1]:>10}{cells[2]:>14}{row['mean_return']:>11.1f}"
+                    f"{len(row['returns_per_run']):>6}")
+    rows.append("-" * len(header))
+    if "metrics" in result:
+        paper = result.get("iris_paper_metrics", {})
+        ours = result["metrics"]
+        rows.append(f"{'#Superhuman (↑)':<18}{'0':>10}{'N/A':>10}{_fmt(paper.get('superhuman'), 'd'):>14}"
+                    f"{ours['superhuman']['value']:>11d}")
+        for name in METRICS:
+            random_value, human_value = (1.0, 0.0) if name == "optimality_gap" else (0.0, 1.0)
+            low, high = ours[name]["ci"]
+            rows.append(f"{METRIC_LABELS[name]:<18}{random_value:>10.3f}{human_value:>10.3f}"
+                        f"{_fmt(paper.get(name), '.3f'):>14}{ours[name]['value']:>11.3f}  [{low:.3f}, {high:.3f}]")
+        level = round(100 * result["confidence"])
+        rows.append(f"Aggregates over the {len(result['games']) - len(result['excluded'])} games with HNS; "
+                    f"[ ] = {level}% stratified bootstrap CI; IRIS (paper) = its 5 published runs on the same games.")
+    for game, reason in result["excluded"].items():
+        rows.append(f"{game}: {reason}; left out of the aggregates.")
+    return "\n".join(rows)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# --- one run: play the test env ------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    path = Path(path)
+    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise EvaluationError(f"{path}: no checkpoint (expected a run directory holding checkpoint.pt, or a .pt file)")
+    return checkpoint
+
+
+def check_checkpoint(checkpoint: dict, source: Path, game: str | None = None, run_config: dict | None = None) -> str:
+    """Refuse a checkpoint that is not ours, is from another game than asked, or disagrees with its run's config."""
+    missing = [k for k in ("config", "game", "num_actions") if not (isinstance(checkpoint, dict) and k in checkpoint)]
+    if missing:
+        raise EvaluationError(f"{source}: not an iris checkpoint (missing {', '.join(missing)})")
+    trained_on = checkpoint["game"]
+    if game is not None and _key(game) != _key(trained_on):
+        raise EvaluationError(f"{source}: this checkpoint was trained on {trained_on}, not {game}; "
+                              f"pass a {game} checkpoint or drop --game")
+    if run_config is not None:
+        run_config = {k: v for k, v in run_config.items() if k not in RUN_SPECIFIC_KEYS}
+        differing = _differing_keys(run_config, checkpoint["config"])
+        if differing:
+            raise EvaluationError(f"{source}: its config differs from {source.parent / 'config.json'} in "
+                                  f"{', '.join(differing[:8])}; this checkpoint belongs to another run")
+    return trained_on
+
+
+def check_actions(checkpoint: dict, source: Path, env_actions: int) -> None:
+    """Refuse an agent whose action head does not fit the game's minimal action set."""
+    if env_actions != checkpoint["num_actions"]:
+        raise EvaluationError(f"{source}: the agent has {checkpoint['num_actions']} actions but "
+                              f"{checkpoint['game']}'s minimal action set has {env_actions}; "
+                              "it was trained with another env config")
+
+
+RUN_SPECIFIC_KEYS = ("device", "out")  # config.json fields that may differ from the checkpoint's (--device on resume)
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Keys present in both nested dicts whose values differ."""
+    differing = []
+    for key in a.keys() & b.keys():
+        if isinstance(a[key], dict) and isinstance(b[key], dict):
+            differing += _differing_keys(a[key], b[key], f"{prefix}{key}.")
+        elif a[key] != b[key] and not (isinstance(a[key], list | tuple) and list(a[key]) == list(b[key])):
+            differing.append(prefix + key)
+    return sorted(differing)
+
+
+def load_agent(path: Path, game: str | None, device: str):
+    """(agent, checkpoint dict, game) after refusing a checkpoint that does not fit the game or its run."""
+    # Imported here so that --aggregate and the metric functions need neither torch nor ALE.
+    from env import canonical_game, make_env
+    from train import Agent, load_checkpoint, pick_device
+
+    checkpoint_path = resolve_checkpoint(path)
+    config_file = checkpoint_path.parent / "config.json"
+    run_config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    try:
+        torch_device = pick_device(device)
+        checkpoint = load_checkpoint(checkpoint_path)
+        game = None if game is None else canonical_game(game)
+        trained_on = canonical_game(check_checkpoint(checkpoint, checkpoint_path, game, run_config))
+    except (FileNotFoundError, RuntimeError, ValueError) as error:  # EvaluationError is a ValueError
+        raise EvaluationError(str(error)) from error
+    env = make_env(trained_on, train=False)
+    check_actions(checkpoint, checkpoint_path, int(env.action_space.n))
+    env.close()
+    try:
+        agent = Agent.load(checkpoint_path, torch_device)
+    except (RuntimeError, TypeError, KeyError) as error:  # weights that do not fit the stored config
+        raise EvaluationError(f"{checkpoint_path}: its weights do not match its config ({error})") from error
+    return agent, checkpoint, trained_on
+
+
+class BestEpisodeRecorder:
+    """An on_step hook of env.run_episodes keeping the real frames of the best counted episode.
+
+    run_episodes gives env i a fixed share of the episodes (num_episodes split evenly, the first envs taking the
+    remainder) and lets the others play on uncounted; we count the same way so that the video is one of the
+    episodes reported.
+    """
+
+    def __init__(self, num_episodes: int, num_envs: int) -> None:
+        self.quota = [num_episodes // num_envs + (i < num_episodes % num_envs) for i in range(num_envs)]
+        self.played = [0] * num_envs
+        self.frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+        self.returns = [0.0] * num_envs
+        self.best_return, self.best_frames = -float("inf"), []
+
+    def on_step(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray) -> None:
+        """obs (n, 64, 64, 3) uint8: the frames x_t the actions were taken in."""
+        for i in range(len(obs)):
+            if self.played[i] >= self.quota[i]:
+                continue
+            self.frames[i].append(obs[i].copy())
+            self.returns[i] += float(rewards[i])
+            if dones[i]:
+                if self.returns[i] > self.best_return:
+                    self.best_return, self.best_frames = self.returns[i], self.frames[i]
+                self.frames[i], self.returns[i] = [], 0.0
+                self.played[i] += 1
+
+
+def save_video(frames: list[np.ndarray], tokenizer, path: Path, config: EvalConfig) -> Path:
+    """Each real frame x_t beside the policy's view x̂_t = D(E(x_t)), recomputed here (the autoencoder is
+    deterministic), as a GIF or an MP4.
+
+    Differs from the reference code: its play.sh -r also shows the full-resolution screen; run_episodes hands us
+    the 64x64 observation only.
+    """
+    import torch
+
+    device = next(tokenizer.parameters()).device
+    real = np.stack(frames)  # (T, 64, 64, 3) uint8
+    views = []
+    with torch.no_grad():
+        for start in range(0, len(real), 256):  # chunks keep memory bounded on long episodes
+            chunk = torch.as_tensor(real[start : start + 256], device=device).permute(0, 3, 1, 2)  # (t, 3, 64, 64)
+            view = tokenizer.encode_decode(chunk).mul(255).round().to(torch.uint8)  # x̂, (t, 3, 64, 64)
+            views.append(view.permute(0, 2, 3, 1).cpu().numpy())  # (t, 64, 64, 3)
+    video = np.concatenate([real, np.concatenate(views)], axis=2)  # (T, 64, 128, 3)
+    video = video.repeat(config.record_scale, axis=1).repeat(config.record_scale, axis=2)
+    if config.record_format == "mp4":
+        import cv2
+
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), config.record_fps, video.shape[2:0:-1])
+        for image in video:
+            writer.write(image[..., ::-1])  # OpenCV wants BGR
+        writer.release()
+    else:
+        from PIL import Image
+
+        images = [Image.fromarray(image) for image in video]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / config.record_fps), loop=0)
+    return path
+
+
+def summarize_returns(game: str, returns: list[float], config: EvalConfig, scores: dict | None = None) -> dict:
+    """Mean return with a bootstrap CI and the HNS (or the reason there is none), as written to eval.json."""
+    rng = np.random.default_rng(config.seed)
+    mean_return = float(np.mean(returns))
+    low, high = bootstrap_mean_ci(returns, rng, config.bootstrap_reps, config.confidence)
+    hns, reason = human_normalized([mean_return, low, high], game, scores)
+    return {
+        "game": game,
+        "episodes": len(returns),
+        "returns": [float(r) for r in returns],
+        "mean_return": mean_return,
+        "return_ci": [low, high],
+        "confidence": config.confidence,
+        "random_score": reference(game, "random", scores),
+        "human_score": reference(game, "human", scores),
+        "hns": None if hns is None else float(hns[0]),
+        "hns_ci": None if hns is None else [float(hns[1]), float(hns[2])],
+        "hns_note": reason,
+        "temperature": config.temperature,
+        "epsilon": config.epsilon,
+        "seed": config.seed,
+    }
+
+
+def format_result(result: dict) -> str:
+    level = round(100 * result["confidence"])
+    low, high = result["return_ci"]
+    lines = [
+        f"{result['game']} | {result['episodes']} episode{'s' * (result['episodes'] != 1)} "
+        f"| temperature {result['temperature']} "
+        f"| seed {result['seed']}",
+        "returns: " + " ".join(f"{r:g}" for r in result["returns"]),
+        f"mean return {result['mean_return']:.2f} ({level}% CI [{low:.2f}, {high:.2f}])",
+    ]
+    if result["hns"] is None:
+        lines.append(f"human-normalised score: none ({result['hns_note']})")
+    else:
+        low, high = result["hns_ci"]
+        lines.append(f"human-normalised score {result['hns']:.3f} ({level}% CI [{low:.3f}, {high:.3f}]) "
+                     f"with Random {result['random_score']:g} and Human {result['human_score']:g} (Table 1)")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(path: Path, config: EvalConfig, game: str | None = None, device: str = "auto",
+                        record: bool = False, out: Path | None = None, progress: bool = True) -> dict:
+    """Play config.num_episodes test episodes with a checkpoint's agent; write eval.json (or out) and return it."""
+    import torch
+
+    from env import EnvConfig, run_episodes
+
+    agent, checkpoint, game = load_agent(path, game, device)
+    torch.manual_seed(config.seed)  # the policy samples its actions
+    agent.state = None  # fresh LSTM states; Agent.act resets each row where an episode starts
+    num_envs = min(config.num_envs, config.num_episodes)
+    recorder = BestEpisodeRecorder(config.num_episodes, num_envs) if record else None
+
+    def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
+        return agent.act(obs, first, config.temperature, config.epsilon)
+
+    # The test env of the agent's own env config (frame skip etc.): no life-loss ends, max_test_frames per episode.
+    env_config = agent.config.env
+    if env_config != EnvConfig():
+        print(f"warning: {game}'s env config differs from the paper's protocol: {env_config}", file=sys.stderr)
+    returns = run_episodes(game, policy, config.num_episodes, num_envs=num_envs,
+                           seed=config.seed, train=False, config=env_config, progress=progress,
+                           on_step=None if recorder is None else recorder.on_step)
+    result = summarize_returns(game, returns, config)
+    result.update(checkpoint=str(resolve_checkpoint(path)), max_frames=env_config.max_test_frames,
+                  epoch=checkpoint.get("epoch"), env_steps=checkpoint.get("env_steps"), video=None)
+    out = out or resolve_checkpoint(path).parent / "eval.json"
+    if recorder is not None and recorder.best_frames:
+        video = out.with_name(f"best_episode.{config.record_format}")
+        result["video"] = str(save_video(recorder.best_frames, agent.tokenizer, video, config))
+        result["video_return"] = recorder.best_return
+    result["out"] = str(out)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    parser.add_argument("--aggregate", action="store_true", help="aggregate many runs (games x seeds)")
+    parser.add_argument("--episodes", type=int, default=defaults.num_episodes, help="test episodes (Section 3.2)")
+    parser.add_argument("--envs", type=int, default=defaults.num_envs, help="parallel test environments")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling (Table 5)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="envs, policy sampling and bootstrap")
+    parser.add_argument("--record", action="store_true", help="save the best episode (real frame | agent's view)")
+    parser.add_argument("--record-format", choices=("gif", "mp4"), default=defaults.record_format)
+    parser.add_argument("--game", help="refuse a checkpoint trained on another game")
+    parser.add_argument("--device", default="auto", help="auto: cuda, then mps, then cpu")
+    parser.add_argument("--reps", type=int, default=defaults.bootstrap_reps, help="bootstrap replicates")
+    parser.add_argument("--out", type=Path, help="JSON output (default RUN_DIR/eval.json; --aggregate: none)")
+    args = parser.parse_args(argv)
+    if not args.aggregate and len(args.paths) > 1:
+        parser.error("give one run directory or checkpoint, or --aggregate for many")
+    if args.episodes < 1 or args.envs < 1 or args.reps < 1:
+        parser.error("--episodes, --envs and --reps must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = EvalConfig(num_episodes=args.episodes, num_envs=args.envs, temperature=args.temperature,
+                        seed=args.seed, bootstrap_reps=args.reps, record_format=args.record_format)
+    try:
+        if args.aggregate:
+            result = aggregate_runs(args.paths, config)
+            print(format_table(result))
+            if args.out is not None:
+                args.out.write_text(json.dumps(result, indent=2) + "\n")
+                print(f"wrote {args.out}")
+            return
+        result = evaluate_checkpoint(args.paths[0], config, args.game, args.device, args.record, args.out)
+    except EvaluationError as error:
+        sys.exit(f"evaluate.py: error: {error}")
+    print(format_result(result))
+    if result["video"]:
+        print(f"best episode (return {result['video_return']:g}): {result['video']}")
+    print(f"wrote {result['out']}")
+
+
+if __name__ == "__main__":
+    main()
