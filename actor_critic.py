@@ -129,22 +129,28 @@ def imagine(
     frames: torch.Tensor,
     mask: torch.Tensor,
     horizon: int,
+    tokens: torch.Tensor | None = None,
 ) -> ImagineOutput:
     """Roll out B imagined trajectories of H steps (update_behavior of Algorithm 1).
 
     frames (B, burn_in + 1, 3, 64, 64) uint8 are real segments whose last frame is x_0 (mask (B, burn_in + 1) bool,
     True on real steps; x_0 must be real). The first burn_in frames, reconstructed, set the LSTM state (Appendix A.3).
+    tokens (B, burn_in + 1, K), if given, are E(frames) computed beforehand (once per epoch for the whole dataset):
+    the same numbers without encoding the frames again.
     """
     batch_size = frames.size(0)
-    burn_in_frames, burn_in_mask = frames[:, :-1], mask[:, :-1]
-    if burn_in_frames.size(1) > 0:
-        with torch.no_grad():  # one batched D(E(x)) for all B * burn_in frames
-            reconstructions = wm_env.tokenizer.encode_decode(burn_in_frames.flatten(0, 1))  # (B * T, 3, 64, 64)
-        state = actor_critic.burn_in(reconstructions.unflatten(0, burn_in_frames.shape[:2]), burn_in_mask)
+    burn_in_mask = mask[:, :-1]
+    if tokens is None:
+        with torch.no_grad():
+            tokens = wm_env.tokenizer.encode(frames)  # z = E(x), one batched call, (B, burn_in + 1, K)
+    if burn_in_mask.size(1) > 0:
+        with torch.no_grad():  # one batched D(z) for all B * burn_in frames
+            reconstructions = wm_env.tokenizer.decode(tokens[:, :-1])  # x̂ = D(E(x)), (B, burn_in, 3, 64, 64)
+        state = actor_critic.burn_in(reconstructions, burn_in_mask)
     else:
         state = actor_critic.initial_state(batch_size, frames.device)
 
-    frame = wm_env.reset(frames[:, -1])  # x̂_0 = D(E(x_0))
+    frame = wm_env.reset_from_tokens(tokens[:, -1])  # x̂_0 = D(E(x_0))
     all_frames, all_actions, all_logits, all_values, all_rewards, all_ends = [frame], [], [], [], [], []
     for _ in range(horizon):
         logits, value, state = actor_critic(frame, state)

@@ -154,7 +154,8 @@ class ReplayBuffer:
         sample_from_start=True: a segment starts at a uniform step of its episode, padded at the end.
         sample_from_start=False: a segment ends at a uniform step of its episode, padded at the start.
         Returns observations (B, T, 3, 64, 64) uint8, actions (B, T) int64, rewards (B, T) float32,
-        ends (B, T) int64 in {0, 1}, mask (B, T) bool (True on real steps); padding is zeros.
+        ends (B, T) int64 in {0, 1}, mask (B, T) bool (True on real steps), index (B, T) int64 (where each step
+        lies in the buffer, to look up what was computed once for every stored frame); padding is zeros.
         """
         if self._size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
@@ -177,7 +178,13 @@ class ReplayBuffer:
             batch[name] = value.view(batch_size, sequence_length, *value.shape[1:])  # (B, T, ...)
         batch["ends"] = batch["ends"].long()
         batch["mask"] = mask
+        batch["index"] = index.view(batch_size, sequence_length)  # step of each entry in the buffer, 0 on padding
         return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+    @property
+    def observations(self) -> torch.Tensor:
+        """Every stored frame x_t in order, (len, 3, 64, 64) uint8: a view, not a copy."""
+        return self._data["observations"][: self._size]
 
     def sample_frames(self, batch_size: int, device: str | torch.device | None = None) -> torch.Tensor:
         """B frames drawn uniformly over all steps (tokenizer batches): (B, 3, 64, 64) uint8."""

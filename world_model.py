@@ -276,8 +276,14 @@ class WorldModelEnv:
     @torch.no_grad()
     def reset(self, frames: torch.Tensor) -> torch.Tensor:
         """Real frames x_0 (B, 3, 64, 64), uint8 or float -> x̂_0 = D(E(x_0)) (B, 3, 64, 64) float in [0, 1]."""
+        with eval_mode(self.tokenizer):
+            return self.reset_from_tokens(self.tokenizer.encode(frames))  # z_0 = E(x_0), (B, K)
+
+    @torch.no_grad()
+    def reset_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens z_0 = E(x_0) (B, K) already computed (e.g. once per epoch for the whole dataset) -> x̂_0 = D(z_0)."""
         with eval_mode(self.tokenizer, self.world_model):
-            self.tokens = self.tokenizer.encode(frames)  # z_0 = E(x_0), (B, K)
+            self.tokens = tokens  # z_0, (B, K)
             self._refill_cache()
             return self.tokenizer.decode(self.tokens)
 
