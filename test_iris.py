@@ -1,0 +1,1531 @@
+"""Tests of iris against the paper, one section per file: `pytest test_iris.py` (or `-k tokenizer`, `-k env or replay`).
+
+Real Atari games from ale-py, real files on disk, tiny configs on the CPU; nothing is downloaded and nothing we own is
+mocked. GPU-only tests are skipped without CUDA.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import evaluate
+import train
+from actor_critic import ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns, imagine
+from env import ATARI_100K_GAMES, EnvConfig, canonical_game, make_env, run_episodes
+from replay import ReplayBuffer
+from tokenizer import PerceptualLoss, Tokenizer, TokenizerConfig, commitment_losses
+from world_model import WorldModel, WorldModelConfig, WorldModelEnv, interleave, sample
+
+# ---------------------------------------------------------------------------------------------------------------------
+# env.py and replay.py: the Atari 100k protocol and the dataset D (Section 3.1, Algorithm 1)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_env_frames_are_64x64_rgb_uint8_and_pong_has_6_actions():
+    for is_train in (True, False):
+        env = make_env("Pong", train=is_train, seed=0)
+        obs, _ = env.reset()
+        assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+        assert env.observation_space.shape == (64, 64, 3)
+        obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8 and obs.max() > 0
+        assert env.action_space.n == 6  # minimal action set
+        env.close()
+
+
+def test_env_game_names_are_canonicalised():
+    for name in ("Pong", "pong", "ALE/Pong-v5", "PongNoFrameskip-v4"):
+        assert canonical_game(name) == "Pong"
+    assert canonical_game("kung_fu_master") == "KungFuMaster"
+    assert len(ATARI_100K_GAMES) == 26
+    assert all(canonical_game(game) == game for game in ATARI_100K_GAMES)
+
+
+def test_env_unknown_game_names_the_closest_games():
+    with pytest.raises(ValueError, match="Breakout"):
+        make_env("Breakot")
+    with pytest.raises(ValueError, match="SpaceInvaders"):
+        canonical_game("SpaceInvader")
+
+
+def _fire_or_noop(rng: np.random.Generator) -> int:
+    return int(rng.random() < 0.5)  # Breakout: 0 = NOOP, 1 = FIRE (launches the ball, which then gets missed)
+
+
+def test_env_breakout_life_loss_ends_episode_but_game_goes_on():
+    env = make_env("Breakout", train=True, seed=0)
+    rng = np.random.default_rng(0)
+    obs, info = env.reset()
+    assert info["lives"] == 5
+    episodes, frame_number = 0, info["episode_frame_number"]
+    while True:
+        obs, reward, terminated, truncated, info = env.step(_fire_or_noop(rng))
+        assert not truncated
+        if terminated:
+            episodes += 1
+            if info["game_over"]:
+                break
+            assert info["lives"] == 5 - episodes
+            obs, info = env.reset()
+            # Not a fresh start: the lives counter stays down and the game's frame counter keeps running.
+            assert info["lives"] == 5 - episodes
+            assert info["episode_frame_number"] > frame_number
+            frame_number = info["episode_frame_number"]
+    assert episodes == 5  # one game of 5 lives, 5 learner episodes
+    obs, info = env.reset()  # a real game over restarts the game
+    assert info["lives"] == 5 and info["episode_frame_number"] < frame_number
+
+
+def test_env_test_env_does_not_end_on_life_loss():
+    env = make_env("Breakout", train=False, seed=0)
+    rng = np.random.default_rng(0)
+    env.reset()
+    lives_seen = set()
+    while True:
+        obs, reward, terminated, truncated, info = env.step(_fire_or_noop(rng))
+        lives_seen.add(info["lives"])
+        if terminated or truncated:
+            break
+    assert terminated and info["lives"] == 0
+    assert lives_seen >= {1, 2, 3, 4, 5}  # all five lives were lost within one episode
+
+
+def test_env_episode_caps_count_frames():
+    # No no-ops here, so a cap of 400 frames is exactly 100 agent steps of 4 frames.
+    config = EnvConfig(noop_max=0, max_train_frames=400, max_test_frames=200)
+    for is_train, steps in ((True, 100), (False, 50)):
+        env = make_env("Pong", train=is_train, seed=0, config=config)
+        env.reset()
+        for t in range(1, steps + 1):
+            _, _, terminated, truncated, _ = env.step(0)
+            assert not terminated and truncated == (t == steps)
+    assert EnvConfig().max_train_frames == 20_000 and EnvConfig().max_test_frames == 108_000
+
+
+def _deterministic_policy(obs: np.ndarray) -> np.ndarray:
+    return (obs.reshape(len(obs), -1).sum(axis=1) % 4).astype(np.int64)  # varied, yet a function of the frame
+
+
+def test_env_run_episodes_returns_exactly_the_requested_episodes():
+    firsts, dones = [], []
+
+    def policy(obs, first):
+        assert obs.shape == (2, 64, 64, 3) and first.shape == (2,)
+        firsts.append(first.copy())
+        return _deterministic_policy(obs)
+
+    def on_step(obs, actions, rewards, done):
+        dones.append(done.copy())
+
+    returns = run_episodes("Breakout", policy, num_episodes=3, num_envs=2, seed=3, progress=False, on_step=on_step)
+    assert len(returns) == 3
+    assert firsts[0].all()
+    # first marks exactly the steps after an episode ended: no step lost or counted twice.
+    np.testing.assert_array_equal(np.array(firsts[1:]), np.array(dones[:-1]))
+    # The same episodes played one env at a time (env i seeded with seed + i; env 0 plays 2, env 1 plays 1).
+    expected = []
+    for i, share in ((0, 2), (1, 1)):
+        env = make_env("Breakout", train=False, seed=3 + i)
+        obs, _ = env.reset()
+        for _ in range(share):
+            total, done = 0.0, False
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(_deterministic_policy(obs[None])[0])
+                total, done = total + reward, terminated or truncated
+            expected.append(total)
+            obs, _ = env.reset()
+    assert sorted(returns) == sorted(expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# replay.py
+
+
+def _frame(step: int) -> np.ndarray:
+    """An HWC frame that encodes its step index, so segments can be checked against what was added."""
+    frame = np.zeros((64, 64, 3), dtype=np.uint8)
+    frame[0, 0] = (step % 251 + 1, step // 251 + 1, 7)
+    return frame
+
+
+def _filled_buffer(lengths: list[int], last_open: bool = True, **kwargs) -> ReplayBuffer:
+    buffer = ReplayBuffer(**kwargs)
+    step = 0
+    for e, length in enumerate(lengths):
+        for t in range(length):
+            last = t == length - 1 and not (last_open and e == len(lengths) - 1)
+            buffer.add(_frame(step), action=step % 5, reward=float(step), terminated=last and e % 2 == 0,
+                       truncated=last and e % 2 == 1)
+            step += 1
+    return buffer
+
+
+def _step_ids(observations: torch.Tensor) -> torch.Tensor:
+    """Inverse of _frame: (B, T, 3, 64, 64) -> (B, T) step index, -1 on all-zero padding."""
+    pixel = observations[:, :, :, 0, 0].long()  # (B, T, 3)
+    return torch.where(pixel[..., 2] == 7, pixel[..., 0] - 1 + 251 * (pixel[..., 1] - 1), -1)
+
+
+@pytest.mark.parametrize("from_start", [True, False])
+def test_replay_segments_equal_what_was_added(from_start):
+    lengths = [7, 2, 12, 5]  # the last episode is still being collected
+    buffer = _filled_buffer(lengths, chunk_size=8)
+    assert len(buffer) == sum(lengths) and buffer.num_episodes == 4 and buffer.episode_lengths == lengths
+    episode_of = np.repeat(np.arange(4), lengths)
+    last_step = np.cumsum(lengths) - 1
+    batch = buffer.sample(512, 6, sample_from_start=from_start)
+    assert batch["observations"].shape == (512, 6, 3, 64, 64) and batch["observations"].dtype == torch.uint8
+    assert batch["actions"].dtype == torch.int64 and batch["rewards"].dtype == torch.float32
+    assert batch["ends"].dtype == torch.int64 and batch["mask"].dtype == torch.bool
+    ids, mask = _step_ids(batch["observations"]), batch["mask"]
+    assert torch.equal(ids >= 0, mask)
+    seen = set()
+    for row_ids, row_mask, actions, rewards, ends in zip(ids, mask, batch["actions"], batch["rewards"], batch["ends"]):
+        real = row_ids[row_mask].numpy()
+        assert len(real) > 0 and np.all(np.diff(real) == 1)  # consecutive steps
+        assert len(set(episode_of[real])) == 1  # of one episode
+        seen.add(int(episode_of[real[0]]))
+        assert torch.equal(actions[row_mask], torch.as_tensor(real % 5))
+        assert torch.equal(rewards[row_mask], torch.as_tensor(real, dtype=torch.float32))
+        expected_ends = [int(s in last_step and episode_of[s] % 2 == 0 and episode_of[s] != 3) for s in real]
+        assert ends[row_mask].tolist() == expected_ends
+        assert not actions[~row_mask].any() and not rewards[~row_mask].any() and not ends[~row_mask].any()
+    assert seen == {0, 1, 2, 3}  # the open episode is sampled too
+
+
+def test_replay_masks_pad_at_the_end_or_at_the_start():
+    buffer = _filled_buffer([3], last_open=False)
+    forward = buffer.sample(200, 5, sample_from_start=True)["mask"]
+    backward = buffer.sample(200, 5, sample_from_start=False)["mask"]
+    forward_rows = {tuple(r) for r in forward.int().tolist()}
+    backward_rows = {tuple(r) for r in backward.int().tolist()}
+    assert forward_rows == {(1, 1, 1, 0, 0), (1, 1, 0, 0, 0), (1, 0, 0, 0, 0)}
+    assert backward_rows == {(0, 0, 0, 0, 1), (0, 0, 0, 1, 1), (0, 0, 1, 1, 1)}
+    full = buffer.sample(50, 3, sample_from_start=False)
+    assert full["mask"][:, -1].all()  # the last step is always real when padding is at the start
+
+
+def test_replay_chooses_episodes_uniformly():
+    buffer = _filled_buffer([2, 60], last_open=False)
+    ids = _step_ids(buffer.sample(4000, 1)["observations"])[:, 0]
+    share_short = (ids < 2).float().mean().item()
+    assert 0.45 < share_short < 0.55  # per episode, not per step (which would give 2/62)
+
+
+def test_replay_grows_in_chunks_and_samples_frames():
+    buffer = _filled_buffer([10], chunk_size=4)
+    assert buffer.capacity == 12 and len(buffer) == 10
+    frames = buffer.sample_frames(64)
+    assert frames.shape == (64, 3, 64, 64) and frames.dtype == torch.uint8
+    assert set(_step_ids(frames[:, None])[:, 0].tolist()) <= set(range(10))
+
+
+def test_replay_truncate_and_close_episode():
+    buffer = _filled_buffer([4, 3, 5])
+    buffer.truncate(7)  # exactly the first two episodes, both closed
+    assert buffer.episode_lengths == [4, 3]
+    buffer.add(_frame(99), 0, 0.0, False)
+    assert buffer.episode_lengths == [4, 3, 1]
+    buffer.truncate(5)  # cuts the second episode: it is open again
+    buffer.add(_frame(98), 0, 0.0, False)
+    assert buffer.episode_lengths == [4, 2]
+    buffer.close_episode()
+    buffer.add(_frame(97), 0, 0.0, False)
+    assert buffer.episode_lengths == [4, 2, 1]
+
+
+def test_replay_save_load_round_trip(tmp_path):
+    buffer = _filled_buffer([5, 9, 4], chunk_size=1000)
+    path = tmp_path / "replay.pt"
+    buffer.save(path)
+    assert path.stat().st_size < 100 * 3 * 64 * 64  # the filled part only, not the preallocated 1000 steps
+    assert [p.name for p in tmp_path.iterdir()] == ["replay.pt"]  # no temporary file left behind
+    loaded = ReplayBuffer.load(path)
+    assert len(loaded) == 18 and loaded.episode_lengths == [5, 9, 4]
+    for name in ("observations", "actions", "rewards", "ends"):
+        assert torch.equal(loaded._data[name][:18], buffer._data[name][:18])
+    loaded.add(_frame(18), 0, 0.0, True)  # the open episode goes on after loading
+    assert loaded.episode_lengths == [5, 9, 5]
+
+
+def test_replay_truncated_or_corrupt_file_is_refused(tmp_path):
+    path = tmp_path / "replay.pt"
+    _filled_buffer([30, 20]).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="replay.pt"):
+        ReplayBuffer.load(path)
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2] ^= 0xFF  # one byte of the stored frames, which fill most of the file
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match="replay.pt"):
+        ReplayBuffer.load(path)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        ReplayBuffer.load(tmp_path / "missing.pt")
+
+
+def test_replay_holds_real_breakout_steps():
+    env = make_env("Breakout", train=True, seed=1)
+    rng = np.random.default_rng(1)
+    buffer = ReplayBuffer(chunk_size=64)
+    obs, _ = env.reset()
+    first_obs = obs.copy()
+    for _ in range(150):
+        action = _fire_or_noop(rng)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        buffer.add(obs, action, reward, terminated, truncated)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    assert len(buffer) == 150 and buffer.num_episodes >= 2  # Breakout life losses split the steps
+    batch = buffer.sample(8, 20)
+    assert batch["observations"].shape == (8, 20, 3, 64, 64)
+    assert torch.equal(buffer._data["observations"][0], torch.as_tensor(first_obs).permute(2, 0, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_replay_samples_on_the_gpu():
+    buffer = _filled_buffer([5, 9], device="cuda")
+    batch = buffer.sample(4, 6, sample_from_start=False)
+    assert all(v.device.type == "cuda" for v in batch.values())
+    assert buffer.sample(4, 6, device="cpu")["observations"].device.type == "cpu"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tokenizer.py: the discrete autoencoder (Section 2.1, Appendix A.1)
+# ---------------------------------------------------------------------------------------------------------------------
+
+SMALL = dict(ch=16, num_res_blocks=1, attn_resolutions=(8,), z_channels=32, embed_dim=32, vocab_size=64)
+
+
+def random_frames(*leading: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (*leading, 3, 64, 64), dtype=torch.uint8, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def paper_tokenizer() -> Tokenizer:
+    torch.manual_seed(0)
+    return Tokenizer(TokenizerConfig()).eval()
+
+
+@pytest.fixture(scope="module")
+def vgg_tokenizer() -> Tokenizer:
+    """Small tokenizer with a randomly initialised VGG (pretrained weights would need a download)."""
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig(**SMALL, pretrained_vgg=False))
+    tokenizer.perceptual_net()
+    return tokenizer
+
+
+def test_tokenizer_shapes_dtypes_paper_config(paper_tokenizer):
+    config = paper_tokenizer.config
+    assert config.tokens_per_frame == 16  # K, Table 3
+    frames = random_frames(2, 2)  # (B, T, 3, 64, 64)
+    with torch.no_grad():
+        tokens = paper_tokenizer.encode(frames)
+        assert tokens.shape == (2, 2, 16) and tokens.dtype == torch.int64  # leading dims (B, T) are kept
+        assert tokens.min() >= 0 and tokens.max() < config.vocab_size
+        assert torch.equal(paper_tokenizer.encode(frames.flatten(0, 1)), tokens.flatten(0, 1))  # (B*T, K)
+        assert torch.equal(paper_tokenizer.encode(frames.float() / 255), tokens)  # uint8 or float in [0, 1]
+        decoded = paper_tokenizer.decode(tokens)
+        assert decoded.shape == (2, 2, 3, 64, 64) and decoded.dtype == torch.float32
+        assert decoded.min() >= 0 and decoded.max() <= 1
+        assert torch.allclose(paper_tokenizer.encode_decode(frames[:, 0]), decoded[:, 0])
+    with pytest.raises(ValueError, match="channels first"):
+        paper_tokenizer.encode(frames[:, 0].permute(0, 2, 3, 1))  # HWC env observations
+
+
+def test_tokenizer_parameter_count_paper_config(paper_tokenizer):
+    count = sum(p.numel() for p in paper_tokenizer.parameters())
+    print(f"tokenizer parameters at the paper config: {count:,}")
+    assert 3_000_000 < count < 6_000_000  # about 4M (encoder, decoder, codebook, pre/post quantization convs)
+    assert paper_tokenizer.embedding.weight.shape == (512, 512)  # N x d, Table 3
+
+
+def test_tokenizer_codebook_init_uniform():
+    tokenizer = Tokenizer(TokenizerConfig(**SMALL))
+    assert tokenizer.embedding.weight.abs().max() <= 1 / 64
+
+
+def test_tokenizer_codebook_lookup_equals_brute_force_argmin():
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig(**SMALL))
+    torch.nn.init.normal_(tokenizer.embedding.weight)  # well-separated codes, so no near-ties
+    y = torch.randn(3, 32, 4, 4)  # E(x), (B, d, h, w)
+    tokens = tokenizer._quantize(y)  # (B, K)
+    y_k = y.permute(0, 2, 3, 1).reshape(3, 16, 1, 32).double()  # (B, K, 1, d), k = row * w + column
+    e = tokenizer.embedding.weight.double()  # (N, d)
+    brute = ((y_k - e) ** 2).sum(-1).sqrt().argmin(-1)  # argmin_i ||y^k - e_i||_2, (B, K)
+    assert torch.equal(tokens, brute)
+    # Through the whole encoder too
+    frames = random_frames(2)
+    with torch.no_grad():
+        y = tokenizer._encode_continuous(tokenizer._preprocess(frames))
+        brute = torch.cdist(y.flatten(2).transpose(1, 2).double(), e).argmin(-1)  # (B, K)
+        assert torch.equal(tokenizer.encode(frames), brute)
+
+
+def test_tokenizer_straight_through_reaches_encoder():
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig(**SMALL, perceptual_weight=0.0))
+    tokenizer.loss(random_frames(2))["reconstruction"].backward()
+    for name, p in [*tokenizer.encoder.named_parameters(), *tokenizer.pre_quant_conv.named_parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert tokenizer.embedding.weight.grad is None  # the L1 term never moves the codebook
+
+
+def test_tokenizer_commitment_terms_hand_computed():
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)  # E(x)
+    z_q = torch.tensor([0.0, 2.0, 5.0, 3.0], requires_grad=True)  # e(z)
+    codebook, commitment = commitment_losses(y, z_q)
+    # differences 1, 0, -2, 1 -> squares 1, 0, 4, 1 -> mean 1.5
+    assert codebook.item() == pytest.approx(1.5) and commitment.item() == pytest.approx(1.5)
+    codebook.backward()  # ||sg(E(x)) - e(z)||^2 moves e(z) only: d/dz_q = 2 (z_q - y) / 4
+    assert y.grad is None
+    assert torch.allclose(z_q.grad, torch.tensor([-0.5, 0.0, 1.0, -0.5]))
+    z_q.grad = None
+    commitment.backward()  # ||sg(e(z)) - E(x)||^2 moves E(x) only: d/dy = 2 (y - z_q) / 4
+    assert z_q.grad is None
+    assert torch.allclose(y.grad, torch.tensor([0.5, 0.0, -1.0, 0.5]))
+
+
+@pytest.mark.parametrize("term, moved, frozen", [("codebook", "embedding", "encoder"),
+                                                 ("commitment", "encoder", "embedding")])
+def test_tokenizer_commitment_gradients_in_model(term, moved, frozen):
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig(**SMALL, perceptual_weight=0.0))
+    tokenizer.loss(random_frames(2))[term].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(tokenizer, moved).parameters())
+    assert all(p.grad is None for p in getattr(tokenizer, frozen).parameters())
+    assert all(p.grad is None for p in tokenizer.decoder.parameters())
+
+
+def test_tokenizer_perceptual_random_vgg(vgg_tokenizer):
+    net = vgg_tokenizer.perceptual_net()
+    x = torch.rand(2, 3, 32, 32)  # small images: VGG is the slow part of these tests
+    assert torch.allclose(net(x, x), torch.zeros(2), atol=1e-6)
+    y = torch.rand(2, 3, 32, 32, requires_grad=True)
+    distance = net(x, y)
+    assert (distance > 0).all()
+    distance.sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+    # Inside the tokenizer's loss: a term of its own, and VGG stays out of training, parameters and checkpoints.
+    vgg_tokenizer.train()
+    losses = vgg_tokenizer.loss(random_frames(1))
+    assert losses["perceptual"] > 0 and losses["perceptual"].requires_grad
+    losses["perceptual"].backward()
+    assert not net.training
+    assert all(p.grad is None for p in net.parameters())
+    assert all(p.grad is not None for p in vgg_tokenizer.decoder.parameters())
+    vgg_ids = {id(p) for p in net.parameters()}
+    assert not vgg_ids & {id(p) for p in vgg_tokenizer.parameters()}
+    state = vgg_tokenizer.state_dict()
+    assert not any("perceptual" in k or "features" in k for k in state)
+    Tokenizer(TokenizerConfig(**SMALL, perceptual_weight=0.0)).load_state_dict(state)  # strict: same keys
+
+
+def test_tokenizer_loss_keys(vgg_tokenizer):
+    losses = vgg_tokenizer.loss(random_frames(2))
+    terms = ["reconstruction", "codebook", "commitment", "perceptual"]
+    assert set(losses) == {"total", *terms, "codebook_perplexity", "codebook_usage"}
+    assert torch.allclose(losses["total"], sum(losses[k] for k in terms))
+    assert all(losses[k].requires_grad for k in ["total", *terms])
+    assert not losses["codebook_perplexity"].requires_grad and not losses["codebook_usage"].requires_grad
+    assert 1 <= losses["codebook_perplexity"] <= 64 and 0 < losses["codebook_usage"] <= 1
+
+
+def test_tokenizer_offline_vgg_error_names_file_and_switch(monkeypatch, tmp_path):
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("no network (test)")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
+    # torchvision's own download function: what it raises offline (URLError), without waiting on a network.
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+    with pytest.raises(RuntimeError) as info:
+        PerceptualLoss(pretrained=True)
+    message = str(info.value)
+    assert "vgg16-397923af.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "--tokenizer.perceptual_weight 0" in message
+    # perceptual_weight 0 never builds VGG, so it trains offline
+    tokenizer = Tokenizer(TokenizerConfig(**SMALL, perceptual_weight=0.0))
+    assert tokenizer.loss(random_frames(2))["perceptual"] == 0
+    # and the default config fails loudly at its first loss, never silently without the term
+    with pytest.raises(RuntimeError, match="perceptual_weight 0"):
+        Tokenizer(TokenizerConfig(**SMALL)).loss(random_frames(2))
+
+
+def pong_frames(count: int, every: int = 8) -> torch.Tensor:
+    """count real Pong frames (count, 3, 64, 64) uint8, one every `every` steps of random play."""
+    from env import make_env
+
+    env = make_env("Pong", train=True, seed=0)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset()
+    frames = []
+    while len(frames) < count:
+        for _ in range(every):
+            obs, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+            if terminated or truncated:
+                obs, _ = env.reset()
+        frames.append(obs)
+    env.close()
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()  # (count, 3, 64, 64)
+
+
+def test_tokenizer_learns_real_pong_frames():
+    torch.manual_seed(0)
+    frames = pong_frames(32)  # (32, 3, 64, 64) uint8
+    config = TokenizerConfig(ch=16, num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32,
+                             vocab_size=64, perceptual_weight=0.0)
+    tokenizer = Tokenizer(config)
+    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
+    x = frames.float() / 255 * 2 - 1  # the loss's [-1, 1] space
+    background = x.flatten(2).median(dim=2).values.median(dim=0).values  # most common colour, (3,)
+    background_l1 = (x - background.view(1, 3, 1, 1)).abs().mean().item()
+    with torch.no_grad():
+        initial = tokenizer.loss(frames)["reconstruction"].item()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        batch = frames[torch.randperm(len(frames), generator=generator)[:8]]  # minibatches of 8 keep steps cheap
+        losses = tokenizer.loss(batch)
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = tokenizer.loss(frames)["reconstruction"].item()
+    print(f"L1 init {initial:.4f} final {final:.4f} constant background frame {background_l1:.4f}")
+    # Not compared with the per-pixel mean frame: Pong frames barely differ, so its L1 (about 0.005) is out of
+    # reach of a few CPU steps. A constant background frame shows whether the layout (walls, score) is learned.
+    assert final < 0.15 * initial
+    assert final < 0.5 * background_l1
+
+# ---------------------------------------------------------------------------------------------------------------------
+# world_model.py: the Transformer G (Section 2.2, Appendix A.2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+NO_DROPOUT = dict(embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared, loaded CPU the OpenMP threads of two-thread
+    matmuls spin against each other (tests measured 20-100x slower); restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_TOKENIZER = TokenizerConfig(ch=8, num_res_blocks=1, attn_resolutions=(), z_channels=16, vocab_size=32,
+                                 embed_dim=16, num_groups=4, perceptual_weight=0.0, pretrained_vgg=False)
+
+
+def tiny_world_model(timesteps=4, tokens_per_frame=4, vocab_size=16, num_actions=3, **overrides):
+    config = WorldModelConfig(max_timesteps=timesteps, embed_dim=32, num_layers=2, num_heads=2, **overrides)
+    return WorldModel(config, vocab_size=vocab_size, tokens_per_frame=tokens_per_frame, num_actions=num_actions)
+
+
+def random_tokens(model, batch, timesteps):
+    obs = torch.randint(model.vocab_size, (batch, timesteps, model.tokens_per_frame))
+    actions = torch.randint(model.num_actions, (batch, timesteps))
+    return interleave(obs, actions)  # (B, T(K+1))
+
+
+def test_world_model_causality(one_thread):
+    torch.manual_seed(0)
+    model = tiny_world_model().eval()
+    tokens = random_tokens(model, 2, 4)  # full context, 20 tokens
+    with torch.no_grad():
+        reference = model(tokens)
+        for j in (0, 3, 4, 9, 19):  # frame tokens and action tokens (positions 4, 9, 19)
+            changed = tokens.clone()
+            changed[:, j] = (changed[:, j] + 1) % model.num_actions  # valid for both tables
+            out = model(changed)
+            torch.testing.assert_close(out[:, :j], reference[:, :j], rtol=0, atol=0)
+            assert not torch.allclose(out[:, j], reference[:, j])
+
+
+def test_world_model_cache_equals_full_forward(one_thread):
+    torch.manual_seed(0)
+    model = WorldModel(WorldModelConfig(), vocab_size=512, tokens_per_frame=16, num_actions=6).eval()  # paper G
+    tokens = random_tokens(model, 2, 20)
+    assert tokens.shape == (2, 340)
+    cache = model.empty_cache()
+    with torch.no_grad():
+        full = model(tokens)
+        # one frame at once (as after reset), then one token at a time, with a multi-token chunk in the middle
+        chunks = [tokens[:, :16]] + [tokens[:, i:i + 1] for i in range(16, 100)] + [tokens[:, 100:140]]
+        chunks += [tokens[:, i:i + 1] for i in range(140, 340)]
+        cached = torch.cat([model(chunk, cache) for chunk in chunks], dim=1)
+    assert cache.length == 340
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.head_observations(cached), model.head_observations(full), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        model(tokens[:, :1], cache)  # the context is full
+
+
+def test_world_model_label_alignment_by_hand(one_thread):
+    torch.manual_seed(0)
+    model = tiny_world_model(tokens_per_frame=2, **NO_DROPOUT).eval()
+    obs = torch.tensor([[[5, 6], [7, 8], [9, 10]]])  # z_t^k, (1, 3, 2)
+    actions = torch.tensor([[1, 2, 0]])
+    rewards = torch.tensor([[-3.0, 0.0, 2.5]])  # sign classes 0, 1, 2
+    ends = torch.tensor([[0, 0, 1]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    losses = model.loss(obs, actions, rewards, ends, mask)
+
+    # sequence: z_0^1 z_0^2 a_0 | z_1^1 z_1^2 a_1 | z_2^1 z_2^2 a_2   (positions 0..8)
+    tokens = torch.tensor([[5, 6, 1, 7, 8, 2, 9, 10, 0]])
+    hidden = model(tokens)[0]  # (9, D)
+    predicted_by = {0: 6, 2: 7, 3: 8, 5: 9, 6: 10}  # position -> the frame token it predicts (Eq. 1)
+    positions, targets = list(predicted_by), list(predicted_by.values())
+    transition = F.cross_entropy(model.head_observations(hidden[positions]), torch.tensor(targets))
+    action_positions = [2, 5, 8]  # r_t and d_t are predicted at a_t (Eqs. 2, 3)
+    reward = F.cross_entropy(model.head_rewards(hidden[action_positions]), torch.tensor([0, 1, 2]))
+    termination = F.cross_entropy(model.head_ends(hidden[action_positions]), torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(losses["transition"], transition)
+    torch.testing.assert_close(losses["reward"], reward)
+    torch.testing.assert_close(losses["termination"], termination)
+    torch.testing.assert_close(losses["total"], transition + reward + termination)
+
+    # left padding (step 0): z_1^1 is not predicted from the padded a_0, and r_0, d_0 are not learned
+    left = model.loss(obs, actions, rewards, ends, torch.tensor([[False, True, True]]))
+    positions, targets = [3, 5, 6], [8, 9, 10]
+    torch.testing.assert_close(left["transition"], F.cross_entropy(model.head_observations(hidden[positions]),
+                                                                   torch.tensor(targets)))
+    torch.testing.assert_close(left["reward"], F.cross_entropy(model.head_rewards(hidden[[5, 8]]),
+                                                               torch.tensor([1, 2])))
+
+
+def segment(model, batch=2, timesteps=4):
+    obs = torch.randint(model.vocab_size, (batch, timesteps, model.tokens_per_frame))
+    actions = torch.randint(model.num_actions, (batch, timesteps))
+    rewards = torch.randn(batch, timesteps)
+    ends = torch.zeros(batch, timesteps, dtype=torch.long)
+    mask = torch.ones(batch, timesteps, dtype=torch.bool)
+    return obs, actions, rewards, ends, mask
+
+
+def test_world_model_padded_steps_add_nothing(one_thread):
+    torch.manual_seed(0)
+    model = tiny_world_model(**NO_DROPOUT)
+    obs, actions, rewards, ends, mask = segment(model, batch=1)
+    mask[:, 2:] = False  # steps 2 and 3 are padding after the episode's last step
+    ends[:, 1] = 1
+    short = model.loss(obs[:, :2], actions[:, :2], rewards[:, :2], ends[:, :2], mask[:, :2])
+    padded = model.loss(obs, actions, rewards, ends, mask)
+    garbage_obs, garbage_actions, garbage_rewards, garbage_ends = obs.clone(), actions.clone(), rewards.clone(), \
+        ends.clone()
+    garbage_obs[:, 2:] = 3
+    garbage_actions[:, 2:] = 2
+    garbage_rewards[:, 2:] = -7.0
+    garbage_ends[:, 2:] = 1  # ends inside padding are ignored, not counted as a second end
+    garbage = model.loss(garbage_obs, garbage_actions, garbage_rewards, garbage_ends, mask)
+    for key in ("total", "transition", "reward", "termination"):
+        torch.testing.assert_close(padded[key], short[key])
+        torch.testing.assert_close(garbage[key], short[key])
+
+    all_padding = model.loss(obs, actions, rewards, ends, torch.zeros_like(mask))
+    for key in ("total", "transition", "reward", "termination"):
+        assert all_padding[key].item() == 0.0  # no NaN from an empty mean
+    all_padding["total"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
+
+
+def test_world_model_two_ends_in_a_segment_raise(one_thread):
+    model = tiny_world_model()
+    obs, actions, rewards, ends, mask = segment(model)
+    ends[0, 1] = ends[0, 3] = 1
+    with pytest.raises(ValueError, match="at most one episode end"):
+        model.loss(obs, actions, rewards, ends, mask)
+
+
+def test_world_model_real_end_trains_termination_head(one_thread):
+    torch.manual_seed(0)
+    model = tiny_world_model(**NO_DROPOUT)
+    obs, actions, rewards, ends, mask = segment(model)
+    ends[0, 3] = 1
+    mask[1, 3] = False
+    model.loss(obs, actions, rewards, ends, mask)["termination"].backward()
+    assert model.head_ends[-1].weight.grad.abs().sum() > 0
+    assert model.head_rewards[-1].weight.grad is None  # each term can be backpropagated alone
+    optimizer = model.configure_optimizer(3e-3, (0.9, 0.999))
+    first = model.loss(obs, actions, rewards, ends, mask)["termination"].item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        model.loss(obs, actions, rewards, ends, mask)["total"].backward()
+        optimizer.step()
+    assert model.loss(obs, actions, rewards, ends, mask)["termination"].item() < 0.25 * first
+
+
+def test_world_model_mse_reward_switch(one_thread):
+    torch.manual_seed(0)
+    model = tiny_world_model(reward_loss="mse")
+    obs, actions, rewards, ends, mask = segment(model)
+    losses = model.loss(obs, actions, rewards, ends, mask)
+    hidden = model.eval()(interleave(obs, actions)).view(2, 4, 5, -1)[:, :, -1]  # (B, T, D) at a_t
+    torch.testing.assert_close(model.loss(obs, actions, rewards, ends, mask)["reward"],
+                               F.mse_loss(model.head_rewards(hidden).squeeze(-1), rewards))
+    assert losses["reward"].requires_grad
+
+
+def pong_segment(steps, seed=0):
+    env = make_env("Pong", train=True, seed=seed)
+    obs, _ = env.reset(seed=seed)
+    frames, actions, rewards, ends = [], [], [], []
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        action = int(torch.randint(env.action_space.n, (), generator=generator))
+        frames.append(torch.from_numpy(obs).permute(2, 0, 1))  # (3, 64, 64) uint8
+        obs, reward, terminated, truncated, _ = env.step(action)
+        actions.append(action), rewards.append(reward), ends.append(int(terminated))
+    env.close()
+    return torch.stack(frames), torch.tensor(actions), torch.tensor(rewards), torch.tensor(ends), env.action_space.n
+
+
+def test_world_model_overfits_one_pong_sequence(one_thread):
+    torch.manual_seed(0)
+    frames, actions, rewards, ends, num_actions = pong_segment(8)
+    tokenizer = Tokenizer(TINY_TOKENIZER).eval()
+    with torch.no_grad():
+        obs_tokens = tokenizer.encode(frames).unsqueeze(0)  # (1, T, K), random but fixed encoder
+    config = WorldModelConfig(max_timesteps=8, embed_dim=64, num_layers=2, num_heads=2, **NO_DROPOUT)
+    model = WorldModel(config, TINY_TOKENIZER.vocab_size, TINY_TOKENIZER.tokens_per_frame, num_actions)
+    batch = (obs_tokens, actions[None], rewards[None], ends[None], torch.ones(1, 8, dtype=torch.bool))
+    optimizer = model.configure_optimizer(3e-3, (0.9, 0.999))
+    for _ in range(250):
+        optimizer.zero_grad()
+        losses = model.loss(*batch)
+        if losses["transition"].item() < 0.05:  # about 100 steps
+            break
+        losses["total"].backward()
+        optimizer.step()
+    assert losses["transition"].item() < 0.05
+    assert losses["reward"].item() < 0.05 and losses["termination"].item() < 0.05
+
+
+def imagination_setup(timesteps=3, batch=3, **overrides):
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TINY_TOKENIZER)
+    model = tiny_world_model(timesteps, TINY_TOKENIZER.tokens_per_frame, TINY_TOKENIZER.vocab_size, 6, **overrides)
+    frames = pong_segment(batch)[0]  # (B, 3, 64, 64) uint8, real frames
+    return tokenizer, model, frames
+
+
+def test_world_model_imagination_shapes_and_cache_refresh(one_thread):
+    tokenizer, model, frames = imagination_setup()
+    model.train()
+    wm_env = WorldModelEnv(tokenizer, model)
+    x0 = wm_env.reset(frames)
+    assert x0.shape == (3, 3, 64, 64) and x0.dtype == torch.float32 and 0 <= x0.min() and x0.max() <= 1
+    K = TINY_TOKENIZER.tokens_per_frame
+    for t in range(3 * model.config.max_timesteps + 1):  # far more steps than fit in L
+        rewards, ends, next_frames = wm_env.step(torch.randint(6, (3,)), decode=t % 2 == 0)
+        assert rewards.shape == ends.shape == (3,) and rewards.dtype == ends.dtype == torch.float32
+        assert set(rewards.tolist()) <= {-1.0, 0.0, 1.0} and set(ends.tolist()) <= {0.0, 1.0}
+        assert wm_env.tokens.shape == (3, K) and wm_env.tokens.dtype == torch.int64
+        assert wm_env.cache.length <= model.max_tokens and (wm_env.cache.length - K) % (K + 1) == 0
+        if t % 2 == 0:
+            assert next_frames.shape == (3, 3, 64, 64) and next_frames.dtype == torch.float32
+        else:
+            assert next_frames is None
+    assert model.training and all(m.training for m in model.modules())  # modes restored after imagining
+    assert tokenizer.training and all(m.training for m in tokenizer.modules())
+
+
+def test_world_model_imagination_samples_from_the_full_forward_distribution(one_thread):
+    """Replaying env.step's draws (same RNG stream) with full forward passes over the current context gives the
+    same r̂, d̂ and ẑ: the cache and its refresh at full context match the model."""
+    tokenizer, model, frames = imagination_setup(timesteps=2, batch=2)
+    model.eval()
+    K, steps = TINY_TOKENIZER.tokens_per_frame, 5
+    actions = torch.randint(6, (steps, 2))
+    wm_env = WorldModelEnv(tokenizer, model)
+    wm_env.reset(frames)
+    torch.manual_seed(1)
+    imagined = [wm_env.step(a, decode=False)[:2] + (wm_env.tokens,) for a in actions]
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        current = tokenizer.encode(frames)  # z_0, (B, K)
+        context = current
+        for action, (rewards, ends, tokens) in zip(actions, imagined):
+            if context.size(1) + K + 1 > model.max_tokens:
+                context = current  # refresh: start over from the current frame's tokens
+            context = torch.cat([context, action[:, None]], dim=1)
+            hidden = model(context)[:, -1]
+            torch.testing.assert_close(sample(model.head_rewards(hidden)).float() - 1, rewards)
+            torch.testing.assert_close(sample(model.head_ends(hidden)).float(), ends)
+            for _ in range(K):
+                context = torch.cat([context, sample(model.head_observations(hidden))[:, None]], dim=1)
+                hidden = model(context)[:, -1]
+            current = context[:, -K:]
+            torch.testing.assert_close(current, tokens)
+
+
+def test_world_model_imagination_mse_rewards(one_thread):
+    tokenizer, model, frames = imagination_setup(reward_loss="mse")
+    wm_env = WorldModelEnv(tokenizer, model)
+    wm_env.reset(frames.float() / 255)  # float frames are accepted too
+    rewards, ends, next_frames = wm_env.step(torch.zeros(3, dtype=torch.long))
+    assert rewards.shape == (3,) and rewards.dtype == torch.float32 and next_frames.shape == (3, 3, 64, 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_world_model_imagination_step_never_syncs_on_cuda(one_thread):
+    tokenizer, model, frames = imagination_setup()
+    tokenizer, model, frames = tokenizer.cuda(), model.cuda(), frames.cuda()
+    wm_env = WorldModelEnv(tokenizer, model)
+    wm_env.reset(frames)
+    actions = torch.zeros(3, dtype=torch.long, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2 * model.config.max_timesteps):
+            wm_env.step(actions)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_world_model_paper_parameter_count_and_optimizer_groups(one_thread):
+    model = WorldModel(WorldModelConfig(), vocab_size=512, tokens_per_frame=16, num_actions=6)
+    assert model.max_tokens == 340
+    assert 8.3e6 < sum(p.numel() for p in model.parameters()) < 8.6e6
+    optimizer = model.configure_optimizer(1e-4, (0.9, 0.999))
+    decay, no_decay = optimizer.param_groups
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert decay["weight_decay"] == 0.01 and {id(p) for p in decay["params"]} == linear_weights
+    assert no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# actor_critic.py: learning in imagination (Section 2.3, Appendices A.3 and B)
+# ---------------------------------------------------------------------------------------------------------------------
+
+AC_TINY = ActorCriticConfig(conv_channels=(4, 4, 8, 8), lstm_dim=16, burn_in=3, imagination_horizon=4)
+AC_TINY_TOKENIZER = TokenizerConfig(
+    ch=8, num_res_blocks=1, attn_resolutions=(), z_channels=8, vocab_size=16, embed_dim=8, perceptual_weight=0.0,
+    pretrained_vgg=False,
+)
+AC_TINY_WORLD_MODEL = WorldModelConfig(max_timesteps=3, embed_dim=16, num_layers=1, num_heads=2)
+
+
+def _ac_tiny_models(num_actions):
+    tokenizer = Tokenizer(AC_TINY_TOKENIZER)
+    world_model = WorldModel(
+        AC_TINY_WORLD_MODEL, AC_TINY_TOKENIZER.vocab_size, AC_TINY_TOKENIZER.tokens_per_frame, num_actions=num_actions
+    )
+    return tokenizer, world_model, ActorCritic(AC_TINY, num_actions)
+
+
+def _ac_brute_force_lambda_returns(rewards, values, ends, gamma, lam):
+    """Λ_t as the λ-weighted average of n-step returns G_t^(n), in plain Python (the expanded form of Eq. 4)."""
+    batch_size, horizon = len(rewards), len(rewards[0])
+    out = [[0.0] * horizon for _ in range(batch_size)]
+    for b in range(batch_size):
+        for t in range(horizon):
+
+            def n_step_return(n):  # G_t^(n) = Σ_{k<n} Π_{s<k} γ(1 - d_{t+s}) r_{t+k} + Π_{s<n} γ(1 - d_{t+s}) V_{t+n}
+                total, discount = 0.0, 1.0
+                for k in range(n):
+                    total += discount * rewards[b][t + k]
+                    discount *= gamma * (1 - ends[b][t + k])
+                return total + discount * values[b][t + n]
+
+            longest = horizon - t
+            weighted = sum((1 - lam) * lam ** (n - 1) * n_step_return(n) for n in range(1, longest))
+            out[b][t] = weighted + lam ** (longest - 1) * n_step_return(longest)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _ac_random_trajectories(batch_size=6, horizon=9, end_prob=0.25, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(batch_size, horizon, generator=generator, dtype=torch.float64)
+    values = torch.randn(batch_size, horizon + 1, generator=generator, dtype=torch.float64)
+    ends = (torch.rand(batch_size, horizon, generator=generator) < end_prob).double()
+    return rewards, values, ends
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.995, 0.95), (0.8, 0.6), (0.9, 1.0), (0.7, 0.0)])
+def test_actor_critic_lambda_returns_match_brute_force(gamma, lam):
+    rewards, values, ends = _ac_random_trajectories()
+    assert ends.sum() > 0 and ends[:, :-1].sum() > 0  # terminations mid-trajectory included
+    expected = _ac_brute_force_lambda_returns(rewards.tolist(), values.tolist(), ends.tolist(), gamma, lam)
+    actual = compute_lambda_returns(rewards, values, ends, gamma, lam)
+    assert actual.shape == rewards.shape
+    torch.testing.assert_close(actual, expected)
+
+
+def test_actor_critic_lambda_returns_lambda_one_is_discounted_sum():
+    rewards, values, _ = _ac_random_trajectories()
+    values[:, -1] = 0.0  # V(x̂_H) = 0
+    gamma, horizon = 0.9, rewards.size(1)
+    returns = compute_lambda_returns(rewards, values, torch.zeros_like(rewards), gamma, lam=1.0)
+    for t in range(horizon):
+        discounted = sum(gamma ** (k - t) * rewards[:, k] for k in range(t, horizon))
+        torch.testing.assert_close(returns[:, t], discounted)
+
+
+def test_actor_critic_lambda_returns_lambda_zero_is_one_step_td():
+    rewards, values, ends = _ac_random_trajectories()
+    gamma = 0.9
+    returns = compute_lambda_returns(rewards, values, ends, gamma, lam=0.0)
+    torch.testing.assert_close(returns, rewards + gamma * (1 - ends) * values[:, 1:])
+
+
+def test_actor_critic_lambda_returns_hand_example():
+    # γ = 0.5, λ = 0.5, H = 2, r̂ = (1, 2), V(x̂_1) = 4, V(x̂_2) = 8 (V(x̂_0) is not used by Eq. 4).
+    # Row 0, no end:  Λ_2 = 8; Λ_1 = 2 + 0.5 * (0.5 * 8 + 0.5 * 8) = 6; Λ_0 = 1 + 0.5 * (0.5 * 4 + 0.5 * 6) = 3.5.
+    # Row 1, d̂_0 = 1: Λ_1 = 6 as above; Λ_0 = 1 + 0.5 * 0 * (...) = 1.
+    rewards = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    values = torch.tensor([[0.0, 4.0, 8.0], [0.0, 4.0, 8.0]])
+    ends = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    returns = compute_lambda_returns(rewards, values, ends, gamma=0.5, lam=0.5)
+    torch.testing.assert_close(returns, torch.tensor([[3.5, 6.0], [1.0, 6.0]]))
+
+
+def _ac_imagine_output(logits, values, rewards, ends, actions):
+    batch_size, horizon = actions.shape
+    return ImagineOutput(actions, logits, values, rewards, ends, torch.zeros(batch_size, horizon + 1, 3, 64, 64))
+
+
+def test_actor_critic_policy_gradient_matches_reinforce_by_hand():
+    # B = H = 1, γ = 0.5: Λ_0 = r̂_0 + γ V(x̂_1) = 1 + 0.5 * 0 = 1, V(x̂_0) = 0.5, advantage Λ_0 - V(x̂_0) = 0.5.
+    # π = softmax(0, ln 2, 0) = (1/4, 1/2, 1/4), a_0 = 1.
+    # d/dlogits [-log π(a_0) * 0.5] = -(onehot(a_0) - π) * 0.5 = -((0, 1, 0) - (1/4, 1/2, 1/4)) * 0.5
+    #                              = (0.125, -0.25, 0.125).
+    logits = torch.tensor([[[0.0, math.log(2.0), 0.0]]], requires_grad=True)
+    out = _ac_imagine_output(
+        logits, torch.tensor([[0.5, 0.0]]), torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1]])
+    )
+    losses = actor_critic_loss(out, ActorCriticConfig(gamma=0.5))
+    losses["policy"].backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[[0.125, -0.25, 0.125]]]))
+
+
+def test_actor_critic_entropy_term_pushes_entropy_up():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.0, 3.0]]], requires_grad=True)
+    out = _ac_imagine_output(logits, torch.zeros(1, 3), torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2).long())
+    losses = actor_critic_loss(out, ActorCriticConfig())
+    assert losses["entropy"] < 0  # -η H(π)
+    losses["entropy"].backward()
+    with torch.no_grad():
+        stepped = logits - 100.0 * logits.grad
+
+    def entropy(x):
+        return torch.distributions.Categorical(logits=x).entropy()
+
+    assert (entropy(stepped) > entropy(logits.detach())).all()
+
+
+def test_actor_critic_steps_after_imagined_end_have_zero_weight():
+    torch.manual_seed(0)
+    batch_size, horizon, num_actions = 3, 6, 4
+    logits = torch.randn(batch_size, horizon, num_actions, requires_grad=True)
+    values = torch.randn(batch_size, horizon + 1, requires_grad=True)
+    rewards, ends = torch.randn(batch_size, horizon), torch.zeros(batch_size, horizon)
+    ends[0, 2] = 1.0  # row 0 ends at t = 2 (kept), steps 3..5 must teach nothing
+    ends[1, 4] = ends[1, 5] = 1.0
+    actions = torch.randint(num_actions, (batch_size, horizon))
+    out = _ac_imagine_output(logits, values, rewards, ends, actions)
+    losses = actor_critic_loss(out, ActorCriticConfig())
+    for term in ("value", "policy"):
+        logits.grad = values.grad = None
+        losses[term].backward(retain_graph=True)
+        grad = logits.grad if term == "policy" else values.grad[:, :-1]
+        assert (grad[0, 3:] == 0).all() and (grad[1, 5:] == 0).all(), term
+        assert grad[0, 2].abs().sum() > 0 and grad[1, 4].abs().sum() > 0 and (grad[2].abs().sum(-1) > 0).all(), term
+    # Whatever happens after the end does not change any loss.
+    rewards_after, values_after = rewards.clone(), values.detach().clone()
+    rewards_after[0, 3:] += 10.0
+    values_after[0, 4:] -= 10.0
+    changed_out = _ac_imagine_output(logits, values_after, rewards_after, ends, actions)
+    changed = actor_critic_loss(changed_out, ActorCriticConfig())
+    for key in ("value", "policy", "entropy"):
+        torch.testing.assert_close(changed[key], losses[key])
+
+
+def test_actor_critic_loss_keys_and_backward():
+    torch.manual_seed(0)
+    out = _ac_imagine_output(
+        torch.randn(2, 3, 5, requires_grad=True),
+        torch.randn(2, 4, requires_grad=True),
+        torch.randn(2, 3),
+        torch.zeros(2, 3),
+        torch.randint(5, (2, 3)),
+    )
+    losses = actor_critic_loss(out, ActorCriticConfig())
+    assert {"total", "value", "policy", "entropy", "imagined_return", "mean_entropy"} <= losses.keys()
+    for key in ("total", "value", "policy", "entropy"):
+        assert losses[key].ndim == 0 and losses[key].requires_grad
+    torch.testing.assert_close(losses["total"], losses["value"] + losses["policy"] + losses["entropy"])
+    assert not losses["imagined_return"].requires_grad
+    losses["total"].backward()
+
+
+def test_actor_critic_burn_in_sets_state_and_skips_padding():
+    torch.manual_seed(0)
+    model = ActorCritic(AC_TINY, num_actions=3)
+    frames = torch.rand(2, 4, 3, 64, 64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    zero_h, zero_c = model.initial_state(2)
+    h, c = model.burn_in(frames, mask)
+    assert h.shape == (2, AC_TINY.lstm_dim) and not h.requires_grad
+    assert (h - zero_h).abs().sum(-1).gt(0).all() and (c - zero_c).abs().sum(-1).gt(0).all()
+    # Padding in front (as the replay buffer pads a segment that starts before its episode) is skipped.
+    padded_frames = torch.cat([torch.rand(2, 2, 3, 64, 64), frames], dim=1)
+    padded_mask = torch.cat([torch.zeros(2, 2, dtype=torch.bool), mask], dim=1)
+    padded_mask[1, 1] = True  # row 1 sees one more real frame
+    padded_h, padded_c = model.burn_in(padded_frames, padded_mask)
+    torch.testing.assert_close(padded_h[0], h[0])
+    torch.testing.assert_close(padded_c[0], c[0])
+    assert not torch.allclose(padded_h[1], h[1])
+    # A fully padded row keeps the initial state.
+    empty_h, _ = model.burn_in(frames, torch.zeros(2, 4, dtype=torch.bool))
+    assert (empty_h == 0).all()
+
+
+def test_actor_critic_forward_shapes_mask_and_reset():
+    torch.manual_seed(0)
+    model = ActorCritic(AC_TINY, num_actions=5)
+    state = model.burn_in(torch.rand(3, 2, 3, 64, 64), torch.ones(3, 2, dtype=torch.bool))
+    logits, values, (h, c) = model(torch.rand(3, 3, 64, 64), state, mask=torch.tensor([True, False, True]))
+    assert logits.shape == (3, 5) and values.shape == (3,)
+    torch.testing.assert_close(h[1], state[0][1])
+    torch.testing.assert_close(c[1], state[1][1])
+    assert not torch.allclose(h[0], state[0][0])
+    reset_h, reset_c = model.reset_state((h, c), torch.tensor([False, True, False]))
+    assert (reset_h[1] == 0).all() and (reset_c[1] == 0).all()
+    torch.testing.assert_close(reset_h[[0, 2]], h[[0, 2]])
+
+
+def test_actor_critic_parameter_count():
+    num_parameters = sum(p.numel() for p in ActorCritic(ActorCriticConfig(), num_actions=6).parameters())
+    assert 3_100_000 < num_parameters < 3_300_000, num_parameters  # "about 3.2 million" with the paper's config
+
+
+def test_actor_critic_act_shapes_temperature_and_epsilon():
+    torch.manual_seed(0)
+    tokenizer, _, model = _ac_tiny_models(num_actions=3)
+    frames = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8)
+    state = model.initial_state(32)
+    actions, new_state = model.act(frames, state, tokenizer)
+    assert actions.shape == (32,) and actions.dtype == torch.int64 and ((0 <= actions) & (actions < 3)).all()
+    assert new_state[0].shape == (32, AC_TINY.lstm_dim) and not new_state[0].requires_grad
+    # Temperature 0 is the argmax of π's logits on x̂ = D(E(x)).
+    greedy, _ = model.act(frames, state, tokenizer, temperature=0.0)
+    logits, _, _ = model(tokenizer.encode_decode(frames), state)
+    torch.testing.assert_close(greedy, logits.argmax(-1))
+    # ε = 1: uniformly random actions, whatever π says (P(some action never drawn) = 3 (2/3)^32 < 1e-5).
+    random_actions, _ = model.act(frames, state, tokenizer, temperature=0.0, epsilon=1.0)
+    assert len(random_actions.unique()) == 3 and not torch.equal(random_actions, greedy)
+
+
+def test_actor_critic_imagine_rollout_shapes():
+    torch.manual_seed(0)
+    batch_size, horizon, num_actions = 5, AC_TINY.imagination_horizon, 4
+    tokenizer, world_model, model = _ac_tiny_models(num_actions)
+    frames = torch.randint(0, 256, (batch_size, AC_TINY.burn_in + 1, 3, 64, 64), dtype=torch.uint8)
+    mask = torch.ones(batch_size, AC_TINY.burn_in + 1, dtype=torch.bool)
+    mask[0, :2] = False  # a segment that starts before its episode: padded burn-in frames
+    out = imagine(model, WorldModelEnv(tokenizer, world_model), frames, mask, horizon)
+    assert out.actions.shape == (batch_size, horizon) and out.actions.dtype == torch.int64
+    assert out.logits.shape == (batch_size, horizon, num_actions) and out.logits.requires_grad
+    assert out.values.shape == (batch_size, horizon + 1) and out.values.requires_grad
+    assert out.rewards.shape == out.ends.shape == (batch_size, horizon)
+    assert out.rewards.dtype == out.ends.dtype == torch.float32
+    assert set(out.rewards.unique().tolist()) <= {-1.0, 0.0, 1.0} and set(out.ends.unique().tolist()) <= {0.0, 1.0}
+    assert out.frames.shape == (batch_size, horizon + 1, 3, 64, 64) and not out.frames.requires_grad
+    assert 0 <= out.frames.min() and out.frames.max() <= 1
+    torch.testing.assert_close(out.frames[:, 0], tokenizer.encode_decode(frames[:, -1]))  # x̂_0 = D(E(x_0))
+    losses = actor_critic_loss(out, AC_TINY)
+    losses["total"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is None for p in (*tokenizer.parameters(), *world_model.parameters()))
+
+
+def test_actor_critic_imagine_skips_padded_burn_in():
+    # Fully padded burn-in frames leave the LSTM at its initial state: same rollout as with no burn-in at all.
+    tokenizer, world_model, model = _ac_tiny_models(num_actions=3)
+    frames = torch.randint(0, 256, (2, AC_TINY.burn_in + 1, 3, 64, 64), dtype=torch.uint8)
+    mask = torch.zeros(2, AC_TINY.burn_in + 1, dtype=torch.bool)
+    mask[:, -1] = True
+    outputs = []
+    for start in (0, AC_TINY.burn_in):
+        torch.manual_seed(1)
+        outputs.append(imagine(model, WorldModelEnv(tokenizer, world_model), frames[:, start:], mask[:, start:], 3))
+    for name in ("actions", "logits", "values", "rewards", "ends", "frames"):
+        torch.testing.assert_close(getattr(outputs[0], name), getattr(outputs[1], name))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluate.py: the evaluation protocol and aggregate metrics (Section 3.2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+EVALUATE_REPO = Path(__file__).resolve().parent
+EVALUATE_SHARED_SCORES = EVALUATE_REPO.parent / "shared" / "reference-scores"
+
+
+def _evaluate_iris_hns() -> dict[str, np.ndarray]:
+    scores = evaluate.load_reference_scores()
+    return {game: evaluate.human_normalized(runs, game, scores)[0] for game, runs in scores["iris"].items()}
+
+
+def test_evaluate_reproduces_paper_aggregates():
+    """IRIS's 5 runs x 26 games give Table 1's column (Section 3.2): 1.046, 0.289, 0.501, 0.512, 10 superhuman."""
+    hns = _evaluate_iris_hns()
+    assert len(hns) == 26 and all(len(runs) == 5 for runs in hns.values())
+    metrics = evaluate.aggregate_metrics(hns)
+    assert round(metrics["mean"], 3) == 1.046
+    assert round(metrics["median"], 3) == 0.289
+    assert round(metrics["iqm"], 3) == 0.501
+    assert round(metrics["optimality_gap"], 3) == 0.512
+    assert metrics["superhuman"] == 10
+
+
+def test_evaluate_other_definitions_do_not_reproduce_paper():
+    """Why the definitions are what they are: the alternatives miss the paper's median, IQM and gap."""
+    hns = _evaluate_iris_hns()
+    pooled = np.concatenate(list(hns.values()))
+    game_means = np.array([runs.mean() for runs in hns.values()])
+    assert round(float(np.median(pooled)), 3) != 0.289  # median of per-game means, not pooled
+    assert round(float(evaluate.interquartile_mean(game_means)), 3) != 0.501  # IQM pooled, not of game means
+    assert round(float(np.maximum(0, 1 - game_means).mean()), 3) != 0.512  # gap pooled, not of game means
+
+
+def test_evaluate_paper_table1_per_game_iris_scores():
+    """The shipped per-run scores average to Table 1's IRIS column (a few games checked)."""
+    iris = evaluate.load_reference_scores()["iris"]
+    table1 = {"Alien": 420.0, "Breakout": 83.7, "Pong": 14.6, "KungFuMaster": 21759.8, "UpNDown": 3546.2}
+    for game, score in table1.items():
+        assert round(float(np.mean(iris[game])), 1) == score
+
+
+@pytest.mark.skipif(not EVALUATE_SHARED_SCORES.is_dir(), reason="the authors' result files are not beside the repo")
+def test_evaluate_shipped_scores_match_authors_files():
+    scores = evaluate.load_reference_scores()
+    for name, table in (("RANDOM", "random"), ("HUMAN", "human"), ("IRIS", "iris")):
+        published = json.loads((EVALUATE_SHARED_SCORES / f"{name}.json").read_text())
+        for game, values in published.items():
+            expected = values if table == "iris" else values[0]
+            assert scores[table][game] == pytest.approx(expected)
+
+
+def test_evaluate_iqm_hand_example():
+    # n = 8: drop 2 at each end, mean of 3, 4, 5, 6.
+    assert evaluate.interquartile_mean(np.array([8, 1, 7, 2, 6, 3, 5, 4])) == pytest.approx(4.5)
+    # n = 10: drop floor(2.5) = 2 at each end, mean of 2..7; an outlier does not move it.
+    assert evaluate.interquartile_mean(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 1000])) == pytest.approx(4.5)
+    # n = 3: nothing dropped.
+    assert evaluate.interquartile_mean(np.array([1.0, 2.0, 6.0])) == pytest.approx(3.0)
+    # Along an axis, as the bootstrap uses it.
+    rows = np.array([[8, 1, 7, 2, 6, 3, 5, 4], [1, 1, 1, 1, 9, 9, 9, 9]])
+    np.testing.assert_allclose(evaluate.interquartile_mean(rows, axis=-1), [4.5, 5.0])
+
+
+def test_evaluate_metrics_hand_example():
+    hns = {"a": [0.0, 1.0], "b": [2.0, 4.0], "c": [0.5, 0.5]}  # game means 0.5, 3.0, 0.5
+    metrics = evaluate.aggregate_metrics(hns)
+    assert metrics["mean"] == pytest.approx(4.0 / 3)
+    assert metrics["median"] == pytest.approx(0.5)
+    assert metrics["iqm"] == pytest.approx(1.0)  # pooled 0, .5, .5, 1, 2, 4: drop one at each end, mean of 4
+    assert metrics["optimality_gap"] == pytest.approx((0.5 + 0.0 + 0.5) / 3)  # mean of max(0, 1 - hns)
+    assert metrics["superhuman"] == 1
+
+
+def test_evaluate_bootstrap_ci_contains_point_and_narrows():
+    rng = np.random.default_rng(0)
+    centers = {f"game{g}": g / 4 for g in range(6)}
+
+    def sample(runs):
+        return {game: center + 0.5 * rng.standard_normal(runs) for game, center in centers.items()}
+
+    widths = {}
+    for runs in (5, 100):
+        hns = sample(runs)
+        point = evaluate.aggregate_metrics(hns)
+        cis = evaluate.stratified_bootstrap_ci(hns, np.random.default_rng(1), reps=2000)
+        for name in evaluate.METRICS:
+            low, high = cis[name]
+            assert low <= point[name] <= high, (runs, name)
+        widths[runs] = {name: cis[name][1] - cis[name][0] for name in evaluate.METRICS}
+    for name in evaluate.METRICS:
+        assert widths[100][name] < widths[5][name] / 2, name
+
+
+def test_evaluate_bootstrap_is_seeded_and_stratified():
+    hns = {"a": [0.1, 0.2, 0.9], "b": [1.0]}
+    first = evaluate.stratified_bootstrap_ci(hns, np.random.default_rng(3), reps=500)
+    again = evaluate.stratified_bootstrap_ci(hns, np.random.default_rng(3), reps=500)
+    assert first == again
+    # Game b has one run: every replicate keeps it, so the mean's CI spans only a's resampling, shifted by b.
+    low, high = first["mean"]
+    assert (0.1 + 1.0) / 2 <= low <= high <= (0.9 + 1.0) / 2
+
+
+def test_evaluate_summary_and_missing_reference_scores():
+    config = evaluate.EvalConfig(bootstrap_reps=500)
+    pong = evaluate.summarize_returns("Pong", [-21.0, -19.0], config)
+    assert pong["mean_return"] == -20.0 and pong["return_ci"][0] <= -20.0 <= pong["return_ci"][1]
+    assert pong["hns"] == pytest.approx((-20.0 + 20.7) / (14.6 + 20.7))
+    assert pong["hns_ci"][0] <= pong["hns"] <= pong["hns_ci"][1]
+    tennis = evaluate.summarize_returns("Tennis", [-5.0, -3.0], config)
+    assert tennis["mean_return"] == -4.0 and tennis["hns"] is None
+    assert "Tennis" in tennis["hns_note"] and "Random/Human" in tennis["hns_note"]
+    assert "none (no Random/Human score for Tennis" in evaluate.format_result(tennis)
+
+
+def test_evaluate_refuses_checkpoint_of_other_game_or_run(tmp_path):
+    checkpoint = {"config": {"game": "Breakout", "seed": 0, "device": "cuda"}, "game": "Breakout", "num_actions": 4}
+    source = tmp_path / "checkpoint.pt"
+    assert evaluate.check_checkpoint(checkpoint, source, game="Breakout") == "Breakout"
+    with pytest.raises(evaluate.EvaluationError, match="trained on Breakout, not Pong"):
+        evaluate.check_checkpoint(checkpoint, source, game="Pong")
+    with pytest.raises(evaluate.EvaluationError, match="not an iris checkpoint"):
+        evaluate.check_checkpoint({"agent": {}}, source)
+    with pytest.raises(evaluate.EvaluationError, match="differs from .*config.json in seed"):
+        evaluate.check_checkpoint(checkpoint, source, run_config={"game": "Breakout", "seed": 1})
+    # The device may change on resume; it is not a different run.
+    evaluate.check_checkpoint(checkpoint, source, run_config={"game": "Breakout", "seed": 0, "device": "cpu"})
+    with pytest.raises(evaluate.EvaluationError, match="4 actions but Breakout's minimal action set has 6"):
+        evaluate.check_actions(checkpoint, source, env_actions=6)
+
+
+def _evaluate_write_eval(run_dir: Path, game: str, mean_return: float, name: str = "eval.json") -> Path:
+    run_dir.mkdir(parents=True)
+    (run_dir / name).write_text(json.dumps({"game": game, "returns": [mean_return - 1, mean_return + 1]}))
+    return run_dir
+
+
+def test_evaluate_aggregate_cli(tmp_path):
+    runs = [_evaluate_write_eval(tmp_path / f"pong{s}", "Pong", -20.0 + 10 * s) for s in range(3)]
+    runs += [_evaluate_write_eval(tmp_path / f"breakout{s}", "Breakout", 10.0 + s, "final_eval.json") for s in range(2)]
+    runs += [_evaluate_write_eval(tmp_path / "tennis", "Tennis", -10.0)]
+    out = tmp_path / "aggregate.json"
+    proc = subprocess.run([sys.executable, str(EVALUATE_REPO / "evaluate.py"), "--aggregate", *map(str, runs),
+                           "--reps", "1000", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "IRIS (paper)" in proc.stdout and "IQM (↑)" in proc.stdout
+    assert "Tennis: no Random/Human score" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["games"]["Pong"]["returns_per_run"] == [-20.0, -10.0, 0.0]
+    assert result["games"]["Pong"]["iris_paper"] == pytest.approx(14.6)
+    assert result["games"]["Tennis"]["hns_per_run"] is None and "Tennis" in result["excluded"]
+    hns = {"Pong": [(r + 20.7) / 35.3 for r in (-20.0, -10.0, 0.0)], "Breakout": [(r - 1.7) / 28.8 for r in (10, 11)]}
+    expected = evaluate.aggregate_metrics(hns)
+    for name in evaluate.METRICS:
+        value, (low, high) = result["metrics"][name]["value"], result["metrics"][name]["ci"]
+        assert value == pytest.approx(expected[name]) and low <= value <= high
+    # The paper's IRIS aggregates on the same two games, for comparison.
+    iris = evaluate.load_reference_scores()["iris"]
+    paper = evaluate.aggregate_metrics({g: evaluate.human_normalized(iris[g], g)[0] for g in ("Pong", "Breakout")})
+    assert result["iris_paper_metrics"]["iqm"] == pytest.approx(paper["iqm"])
+
+
+def test_evaluate_aggregate_bad_run_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, str(EVALUATE_REPO / "evaluate.py"), "--aggregate", str(tmp_path / "empty")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "no eval.json or final_eval.json" in proc.stderr
+
+
+# --- end to end, with a tiny untrained agent (needs train.py, env.py and ALE) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluate_tiny_pong_run(tmp_path_factory):
+    """A run directory as train.py leaves it: config.json and checkpoint.pt of a tiny Pong agent."""
+    config = train.IRISConfig()
+    for name, value in train.PRESETS["tiny"].items():
+        train.set_field(config, name, value)
+    config.game, config.device = "Pong", "cpu"
+    run_dir = tmp_path_factory.mktemp("evaluate_run")
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    train.Agent(config, num_actions=6, device="cpu").save(run_dir / "checkpoint.pt", epoch=0, env_steps=0)
+    return run_dir
+
+
+def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    # One thread: on a shared 2-core machine, torch's thread pool oversubscribed makes the tiny agent ~30x slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(EVALUATE_REPO / "evaluate.py"), *args], capture_output=True, text=True,
+                          cwd=EVALUATE_REPO, env=env, timeout=600)
+
+
+def test_evaluate_end_to_end_pong(evaluate_tiny_pong_run):
+    proc = _evaluate_cli(str(evaluate_tiny_pong_run), "--episodes", "2", "--envs", "2", "--reps", "500", "--record",
+                         "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((evaluate_tiny_pong_run / "eval.json").read_text())
+    assert result["game"] == "Pong" and result["episodes"] == 2 and len(result["returns"]) == 2
+    assert all(-21 <= r <= 21 for r in result["returns"])
+    assert result["mean_return"] == pytest.approx(np.mean(result["returns"]))
+    assert result["hns"] == pytest.approx((result["mean_return"] + 20.7) / 35.3)
+    assert result["temperature"] == 0.5 and result["max_frames"] == 108_000
+    assert "human-normalised score" in proc.stdout
+    assert result["video_return"] == max(result["returns"])
+    assert Path(result["video"]).is_file()
+    from PIL import Image
+
+    with Image.open(result["video"]) as gif:
+        assert gif.size == (2 * 64 * 2, 64 * 2) and gif.n_frames > 100  # real frame | agent's view, x2
+
+
+def test_evaluate_end_to_end_refuses_other_game_and_run(evaluate_tiny_pong_run, tmp_path):
+    proc = _evaluate_cli(str(evaluate_tiny_pong_run), "--game", "Breakout", "--episodes", "1")
+    assert proc.returncode != 0 and "trained on Pong, not Breakout" in proc.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((evaluate_tiny_pong_run / "checkpoint.pt").read_bytes())
+    config = json.loads((evaluate_tiny_pong_run / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "seed": 7}))
+    with pytest.raises(evaluate.EvaluationError, match="belongs to another run"):
+        evaluate.load_agent(other, None, "cpu")
+    # Weights of another config: the stored config says 128 codes, the weights have 64.
+    checkpoint = torch.load(evaluate_tiny_pong_run / "checkpoint.pt", weights_only=False)
+    checkpoint["config"]["tokenizer"]["vocab_size"] = 128
+    torch.save(checkpoint, tmp_path / "mismatch.pt")
+    with pytest.raises(evaluate.EvaluationError, match="weights do not match its config"):
+        evaluate.load_agent(tmp_path / "mismatch.pt", None, "cpu")
+    checkpoint = torch.load(evaluate_tiny_pong_run / "checkpoint.pt", weights_only=False)
+    torch.save({**checkpoint, "num_actions": 18}, tmp_path / "full_action_set.pt")
+    with pytest.raises(evaluate.EvaluationError, match="18 actions but Pong's minimal action set has 6"):
+        evaluate.load_agent(tmp_path / "full_action_set.pt", None, "cpu")
+    with pytest.raises(evaluate.EvaluationError, match="no checkpoint"):
+        evaluate.load_agent(tmp_path / "missing", None, "cpu")
+    agent, _, game = evaluate.load_agent(evaluate_tiny_pong_run / "checkpoint.pt", "PongNoFrameskip-v4", "cpu")
+    assert game == "Pong" and agent.num_actions == 6
+
+def test_evaluate_aggregate_cli_reproduces_paper(tmp_path):
+    """130 run directories holding IRIS's published runs: the CLI prints Table 1's IRIS aggregates."""
+    paths = []
+    for game, runs in evaluate.load_reference_scores()["iris"].items():
+        for seed, score in enumerate(runs):
+            run_dir = tmp_path / f"{game}-{seed}"
+            run_dir.mkdir()
+            (run_dir / "eval.json").write_text(json.dumps({"game": game, "mean_return": score}))
+            paths.append(str(run_dir))
+    out = tmp_path / "aggregate.json"
+    command = [sys.executable, str(EVALUATE_REPO / "evaluate.py"), "--aggregate", *paths, "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(out.read_text())["metrics"]
+    paper = {"mean": 1.046, "median": 0.289, "iqm": 0.501, "optimality_gap": 0.512}
+    assert {name: round(metrics[name]["value"], 3) for name in paper} == paper
+    assert metrics["superhuman"]["value"] == 10
+    assert "IQM (↑)                0.000     1.000         0.501      0.501" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train.py: Algorithm 1 end to end (Appendix D), run directory, checkpoints, resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+TRAIN_REPO = Path(__file__).resolve().parent
+# Short evaluations: a Pong game lasts ~900 agent steps even for a hopeless agent.
+TRAIN_FAST_EVAL = ["--eval_episodes", "1", "--final_eval_episodes", "1", "--eval_envs", "1"]
+
+
+def _train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TRAIN_REPO / "train.py"), *args], capture_output=True, text=True,
+                          cwd=TRAIN_REPO, timeout=timeout)
+
+
+def _train_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_config_defaults_equal_the_paper():
+    c = train.IRISConfig()
+    # Table 2 (encoder / decoder) and Table 3 (embedding table)
+    assert c.tokenizer.resolution == 64 and c.tokenizer.ch == 64 and c.tokenizer.num_res_blocks == 2
+    assert len(c.tokenizer.ch_mult) - 1 == 4 and c.tokenizer.attn_resolutions == (8, 16)
+    assert (c.tokenizer.vocab_size, c.tokenizer.tokens_per_frame, c.tokenizer.embed_dim) == (512, 16, 512)
+    assert c.tokenizer.perceptual_weight == 1.0  # equally weighted terms, Appendix A.1
+    # Table 4 (Transformer)
+    w = c.world_model
+    assert (w.max_timesteps, w.embed_dim, w.num_layers, w.num_heads, w.weight_decay) == (20, 256, 10, 4, 0.01)
+    assert (w.embed_dropout, w.attn_dropout, w.resid_dropout) == (0.1, 0.1, 0.1)
+    # Table 5 (training loop and shared hyperparameters)
+    assert (c.epochs, c.collection_epochs, c.env_steps_per_epoch, c.training_steps_per_epoch) == (600, 500, 200, 200)
+    assert (c.collect_epsilon, c.eval_temperature) == (0.01, 0.5)
+    assert (c.start_tokenizer_after_epochs, c.start_world_model_after_epochs,
+            c.start_actor_critic_after_epochs) == (5, 25, 50)
+    assert (c.tokenizer_batch_size, c.world_model_batch_size, c.actor_critic_batch_size) == (256, 64, 64)
+    assert (c.learning_rate, c.adam_beta1, c.adam_beta2, c.max_grad_norm) == (1e-4, 0.9, 0.999, 10.0)
+    # Table 6 (RL) and Appendix A.3 (actor-critic)
+    a = c.actor_critic
+    assert (a.imagination_horizon, a.gamma, a.lam, a.entropy_weight) == (20, 0.995, 0.95, 0.001)
+    assert (a.conv_channels, a.lstm_dim, a.burn_in) == ((32, 32, 64, 64), 512, 20)
+    # Section 3.2: 100 final evaluation episodes; the Atari 100k protocol
+    assert c.final_eval_episodes == 100 and c.env.frame_skip == 4 and c.env.max_test_frames == 108_000
+    assert (c.epochs - (c.epochs - c.collection_epochs)) * c.env_steps_per_epoch == 100_000  # Atari 100k
+
+
+def test_train_cli_sets_any_field_and_rejects_bad_input():
+    config, _ = train.parse_args(["--preset", "tiny", "--tokenizer.vocab_size", "32"])
+    assert config.tokenizer.vocab_size == 32 and config.world_model.num_layers == 2  # flag over preset
+    config, _ = train.parse_args(["--actor_critic.conv_channels", "4,4,8,8", "--collect_epsilon", "0.1"])
+    assert config.actor_critic.conv_channels == (4, 4, 8, 8) and config.collect_epsilon == 0.1
+    assert config.actor_critic.gamma == 0.995  # untouched fields keep the paper's values
+    with pytest.raises(SystemExit):
+        train.parse_args(["--no_such_field", "1"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--epochs", "many"])
+    proc = _train_cli("--game", "Pongg", "--preset", "tiny", "--out", "/nonexistent/never")
+    assert proc.returncode != 0 and "Pong" in proc.stderr and "closest valid games" in proc.stderr
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train.pick_device("cuda")
+
+
+@pytest.fixture(scope="module")
+def train_tiny_run(tmp_path_factory):
+    """A complete `--preset tiny` run on real Pong, long enough for all three phases (delays 1, 3, 5)."""
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    proc = _train_cli("--game", "Pong", "--preset", "tiny", "--epochs", "6", "--out", str(run_dir), *TRAIN_FAST_EVAL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
+    run_dir, proc = train_tiny_run
+    for name in ["config.json", "metrics.csv", "checkpoint.pt", "replay.pt", "final_eval.json"]:
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "media").iterdir()) == [
+        "imagination_epoch0005.gif", "imagination_epoch0006.gif",
+        "reconstructions_epoch0005.png", "reconstructions_epoch0006.png"]
+    rows = _train_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400, 500, 600]
+    # Warm-up delays (Table 5, scaled down): E, D from epoch 2, G from epoch 4, π and V from epoch 6.
+    assert rows[0]["tokenizer/total"] == "" and rows[1]["tokenizer/total"] != ""
+    assert rows[2]["world_model/total"] == "" and rows[3]["world_model/total"] != ""
+    assert rows[4]["actor_critic/total"] == "" and rows[5]["actor_critic/total"] != ""
+    last = {k: float(v) for k, v in rows[-1].items() if v != ""}
+    losses = [k for k in last if k.split("/")[0] in train.COMPONENTS]
+    assert len(losses) > 10 and all(math.isfinite(last[k]) for k in losses)
+    # Both models learn: their losses fall from the first epoch each trained to the last.
+    assert float(rows[-1]["tokenizer/reconstruction"]) < float(rows[1]["tokenizer/reconstruction"])
+    assert float(rows[-1]["world_model/transition"]) < float(rows[3]["world_model/transition"])
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    assert final["game"] == "Pong" and len(final["returns"]) == 1 and -21 <= final["mean_return"] <= 21
+    assert json.loads((run_dir / "config.json").read_text())["tokenizer"]["vocab_size"] == 64
+    assert "epoch 6 | env_steps 600" in proc.stdout
+
+
+def test_train_checkpoint_loads_into_a_fresh_agent_that_acts(train_tiny_run):
+    run_dir, _ = train_tiny_run
+    agent = train.Agent.load(run_dir, device="cpu")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 6 and checkpoint["env_steps"] == 600 and checkpoint["game"] == "Pong"
+    assert set(checkpoint["optimizers"]) == set(train.COMPONENTS)
+    assert not any("vgg" in key or "perceptual" in key for key in checkpoint["agent"]["tokenizer"])
+    for name in train.COMPONENTS:  # the weights are the trained ones, not a fresh initialisation
+        for key, value in getattr(agent, name).state_dict().items():
+            assert torch.equal(value, checkpoint["agent"][name][key]), key
+    env = make_env("Pong", train=False, seed=0)
+    obs, _ = env.reset(seed=0)
+    first = np.array([True])
+    for _ in range(5):
+        action = agent.act(obs[None], first, temperature=0.5)
+        assert action.shape == (1,) and 0 <= action[0] < env.action_space.n
+        obs, *_ = env.step(int(action[0]))
+        first = np.array([False])
+    assert len(ReplayBuffer.load(run_dir / "replay.pt")) == 600
+
+
+def test_train_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(TRAIN_REPO / "train.py"), "--game", "Pong", "--preset", "tiny", "--epochs", "4",
+            "--out", str(run_dir), *TRAIN_FAST_EVAL]
+    proc = subprocess.Popen(args, cwd=TRAIN_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # kill as soon as two epochs are on disk
+        if (run_dir / "metrics.csv").is_file() and len(_train_metrics(run_dir)) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_train_metrics(run_dir))
+    assert 2 <= done < 4
+    resumed = _train_cli("--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _train_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # nothing repeated, nothing lost
+    assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 4 and checkpoint["env_steps"] == 400
+    assert len(ReplayBuffer.load(run_dir / "replay.pt")) == 400  # the dataset of an uninterrupted run
+    assert (run_dir / "final_eval.json").is_file()
+
+
+def test_train_resume_refuses_missing_or_corrupt_checkpoint(tmp_path):
+    proc = _train_cli("--resume", str(tmp_path))
+    assert proc.returncode != 0 and "no checkpoint.pt" in proc.stderr
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = _train_cli("--resume", str(tmp_path))
+    assert proc.returncode != 0 and "corrupt" in proc.stderr and str(tmp_path / "checkpoint.pt") in proc.stderr
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", str(tmp_path), "--epochs", "3"])  # a resumed run keeps its config
+
+
+def _train_tiny_agent_and_pong_replay(steps: int = 48) -> tuple[train.Agent, ReplayBuffer]:
+    config = train.IRISConfig()
+    for name, value in train.PRESETS["tiny"].items():
+        train.set_field(config, name, value)
+    agent = train.Agent(config, num_actions=6, device="cpu").eval()
+    env, replay = make_env("Pong", train=True, seed=0), ReplayBuffer(chunk_size=32)
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for t in range(steps):
+        action = int(rng.integers(6))
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        replay.add(obs, action, reward, terminated, truncated=truncated or t % 20 == 19)  # several episodes
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    return agent, replay
+
+
+def test_train_encode_once_per_epoch_gives_the_same_tokens_and_losses():
+    """The token cache (IRISConfig.cache_tokens) changes the speed, not the numbers."""
+    agent, replay = _train_tiny_agent_and_pong_replay()
+    cfg = agent.config
+    run = train.Run(cfg, agent, train.make_optimizers(agent, cfg), replay, Path("unused"))
+    run.tokens = train.encode_dataset(agent.tokenizer, replay, batch_size=7)  # chunks of odd size on purpose
+    assert run.tokens.shape == (len(replay), cfg.tokenizer.tokens_per_frame)
+    assert torch.equal(run.tokens, agent.tokenizer.encode(replay.observations))
+    torch.manual_seed(0)
+    batch = replay.sample(8, cfg.world_model.max_timesteps, sample_from_start=True)
+    cached = train.segment_tokens(run, batch)
+    uncached = agent.tokenizer.encode(batch["observations"])
+    assert torch.equal(cached[batch["mask"]], uncached[batch["mask"]])
+    agent.world_model.eval()  # no dropout: two evaluations must agree exactly
+    args = batch["actions"], batch["rewards"], batch["ends"], batch["mask"]
+    with_cache, without = agent.world_model.loss(cached, *args), agent.world_model.loss(uncached, *args)
+    for key in ("transition", "reward", "termination"):
+        assert torch.allclose(with_cache[key], without[key], atol=1e-6), key
+    # Actor-critic batches: burn-in and x_0 from the cache, left padding included.
+    torch.manual_seed(1)
+    batch = replay.sample(8, cfg.actor_critic.burn_in + 1, sample_from_start=False)
+    assert not batch["mask"].all()  # some segments are padded at the start
+    wm_env = WorldModelEnv(agent.tokenizer, agent.world_model)
+    outs = []
+    for tokens in (train.segment_tokens(run, batch), None):
+        torch.manual_seed(2)
+        outs.append(imagine(agent.actor_critic, wm_env, batch["observations"], batch["mask"],
+                            cfg.actor_critic.imagination_horizon, tokens=tokens))
+    assert torch.equal(outs[0].actions, outs[1].actions) and torch.equal(outs[0].rewards, outs[1].rewards)
+    assert torch.allclose(outs[0].values, outs[1].values, atol=1e-6)
+    assert torch.allclose(outs[0].frames, outs[1].frames, atol=1e-6)
