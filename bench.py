@@ -111,15 +111,8 @@ def phase(bench: Bench, name: str) -> tuple[Callable[[], Any], int, str]:
         run = bench.run(one_step)
         agent.tokenizer.eval()
         agent.world_model.train()
-
-        def world_model_loss() -> dict[str, torch.Tensor]:  # as in train.update_world_model
-            batch = run.replay.sample(cfg.world_model_batch_size, cfg.world_model.max_timesteps,
-                                      sample_from_start=True, device=agent.device)
-            return agent.world_model.loss(train.segment_tokens(run, batch), batch["actions"], batch["rewards"],
-                                          batch["ends"], batch["mask"])
-
         work = cfg.world_model_batch_size * cfg.world_model.max_timesteps
-        return lambda: train.train_steps(run, "world_model", world_model_loss), work, "steps"
+        return lambda: train.train_steps(run, "world_model", lambda: train.world_model_loss(run)), work, "steps"
     if name == "actor_critic":
         run, epoch = bench.run(one_step), cfg.start_actor_critic_after_epochs + 1
         work = cfg.actor_critic_batch_size * ac.imagination_horizon

@@ -256,15 +256,17 @@ def update_world_model(run: Run, epoch: int) -> dict[str, float]:
         cfg.cache_tokens and uses_tokens) else None
     if epoch > cfg.start_world_model_after_epochs:
         agent.world_model.train()
-
-        def world_model_loss() -> dict[str, torch.Tensor]:
-            batch = run.replay.sample(cfg.world_model_batch_size, cfg.world_model.max_timesteps,
-                                      sample_from_start=True, device=agent.device)
-            obs_tokens = segment_tokens(run, batch)  # z_t, (B, L, K)
-            return agent.world_model.loss(obs_tokens, batch["actions"], batch["rewards"], batch["ends"], batch["mask"])
-
-        metrics.update(train_steps(run, "world_model", world_model_loss))
+        metrics.update(train_steps(run, "world_model", lambda: world_model_loss(run)))
     return metrics
+
+
+def world_model_loss(run: Run) -> dict[str, torch.Tensor]:
+    """Eqs. (1)-(3) on B segments of L real steps, encoded by the frozen E."""
+    cfg = run.config
+    batch = run.replay.sample(cfg.world_model_batch_size, cfg.world_model.max_timesteps, sample_from_start=True,
+                              device=run.agent.device)
+    obs_tokens = segment_tokens(run, batch)  # z_t, (B, L, K)
+    return run.agent.world_model.loss(obs_tokens, batch["actions"], batch["rewards"], batch["ends"], batch["mask"])
 
 
 def update_behavior(run: Run, epoch: int) -> dict[str, float]:
@@ -276,16 +278,17 @@ def update_behavior(run: Run, epoch: int) -> dict[str, float]:
     agent.world_model.eval()
     agent.actor_critic.train()
     wm_env = WorldModelEnv(agent.tokenizer, agent.world_model)
-    ac_cfg = cfg.actor_critic
+    return train_steps(run, "actor_critic", lambda: behavior_loss(run, wm_env))
 
-    def behavior_loss() -> dict[str, torch.Tensor]:
-        batch = run.replay.sample(cfg.actor_critic_batch_size, ac_cfg.burn_in + 1, sample_from_start=False,
-                                  device=agent.device)
-        out = imagine(agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac_cfg.imagination_horizon,
-                      tokens=segment_tokens(run, batch))
-        return actor_critic_loss(out, ac_cfg)
 
-    return train_steps(run, "actor_critic", behavior_loss)
+def behavior_loss(run: Run, wm_env: WorldModelEnv) -> dict[str, torch.Tensor]:
+    """Eqs. (4)-(6) on B trajectories imagined from real frames, after a burn-in of their episode's past."""
+    cfg, ac_cfg = run.config, run.config.actor_critic
+    batch = run.replay.sample(cfg.actor_critic_batch_size, ac_cfg.burn_in + 1, sample_from_start=False,
+                              device=run.agent.device)
+    out = imagine(run.agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac_cfg.imagination_horizon,
+                  tokens=segment_tokens(run, batch))
+    return actor_critic_loss(out, ac_cfg)
 
 
 @torch.no_grad()
