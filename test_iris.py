@@ -25,7 +25,8 @@ import torchvision
 
 import evaluate
 import train
-from actor_critic import ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns, imagine
+from actor_critic import (ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns,
+                          imagine)
 from env import ATARI_100K_GAMES, EnvConfig, canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
 from tokenizer import PerceptualLoss, Tokenizer, TokenizerConfig, commitment_losses
