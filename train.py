@@ -149,6 +149,10 @@ class Agent(torch.nn.Module):
 
 
 COMPONENTS = ("tokenizer", "world_model", "actor_critic")
+EVAL_SEED_OFFSET = 10_000  # test envs draw other no-op starts than the training env's seeds
+MEDIA_FRAMES = 8  # real frames (and their reconstructions) in each PNG
+MEDIA_BORDER = 2  # pixels of the Figure 4-style colour frame around each imagined frame
+MEDIA_GIF_MS = 200  # milliseconds per imagined step in the GIF
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -349,7 +353,7 @@ def evaluate_agent(run: Run, num_episodes: int) -> dict[str, Any]:
         return agent.act(obs, first, cfg.eval_temperature, epsilon=0.0)
 
     returns = run_episodes(cfg.game, policy, num_episodes, num_envs=min(cfg.eval_envs, num_episodes),
-                           seed=cfg.seed + 10_000 + run.epoch, train=False, config=cfg.env)
+                           seed=cfg.seed + EVAL_SEED_OFFSET + run.epoch, train=False, config=cfg.env)
     agent.state = None  # the next collection step starts a fresh LSTM state for its episode
     run.first = True
     return {"eval/return": float(np.mean(returns)), "eval/returns": [float(r) for r in returns]}
@@ -365,9 +369,9 @@ def save_media(run: Run, epoch: int) -> None:
     agent.eval()
     media = run.run_dir / "media"
     media.mkdir(exist_ok=True)
-    frames = run.replay.sample_frames(8, device=agent.device)  # (8, 3, 64, 64) uint8
+    frames = run.replay.sample_frames(MEDIA_FRAMES, device=agent.device)  # (8, 3, 64, 64) uint8
     grid = torch.cat([frames.float() / 255, agent.tokenizer.encode_decode(frames)])
-    torchvision.utils.save_image(grid, media / f"reconstructions_epoch{epoch:04d}.png", nrow=8)
+    torchvision.utils.save_image(grid, media / f"reconstructions_epoch{epoch:04d}.png", nrow=MEDIA_FRAMES)
     ac_cfg = run.config.actor_critic
     batch = run.replay.sample(n, ac_cfg.burn_in + 1, sample_from_start=False, device=agent.device)
     out = imagine(agent.actor_critic, WorldModelEnv(agent.tokenizer, agent.world_model), batch["observations"],
@@ -377,12 +381,13 @@ def save_media(run: Run, epoch: int) -> None:
     border = torch.zeros(n, frames.shape[1], 3, dtype=torch.uint8, device=frames.device)
     border[:, 1:][out.rewards > 0] = torch.tensor([255, 215, 0], dtype=torch.uint8, device=frames.device)
     border[:, 1:][out.ends > 0] = torch.tensor([220, 0, 0], dtype=torch.uint8, device=frames.device)
-    padded = border[..., None, None].expand(-1, -1, -1, 68, 68).clone()  # (n, H + 1, 3, 68, 68)
-    padded[..., 2:66, 2:66] = frames
-    rows = padded.permute(1, 3, 0, 4, 2).reshape(frames.shape[1], 68, n * 68, 3)  # (H + 1, 68, n * 68, 3)
+    b, size = MEDIA_BORDER, frames.shape[-1] + 2 * MEDIA_BORDER
+    padded = border[..., None, None].expand(-1, -1, -1, size, size).clone()  # (n, H + 1, 3, 68, 68)
+    padded[..., b:size - b, b:size - b] = frames
+    rows = padded.permute(1, 3, 0, 4, 2).reshape(frames.shape[1], size, n * size, 3)  # (H + 1, 68, n * 68, 3)
     images = [Image.fromarray(image) for image in rows.cpu().numpy()]
     images[0].save(media / f"imagination_epoch{epoch:04d}.gif", save_all=True, append_images=images[1:],
-                   duration=200, loop=0)
+                   duration=MEDIA_GIF_MS, loop=0)
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
