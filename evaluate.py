@@ -332,7 +332,7 @@ def load_agent(path: Path, game: str | None, device: str):
     check_actions(checkpoint, checkpoint_path, int(env.action_space.n))
     env.close()
     try:
-        agent = Agent.load(checkpoint_path, torch_device)
+        agent = Agent.from_checkpoint(checkpoint, torch_device)  # the checkpoint is read once
     except (RuntimeError, TypeError, KeyError) as error:  # weights that do not fit the stored config
         raise EvaluationError(f"{checkpoint_path}: its weights do not match its config ({error})") from error
     return agent, checkpoint, trained_on

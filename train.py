@@ -141,7 +141,11 @@ class Agent(torch.nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> Agent:
         """Rebuild an agent from a checkpoint alone (its stored config), e.g. `Agent.load("runs/x/checkpoint.pt")`."""
-        checkpoint = load_checkpoint(path)
+        return cls.from_checkpoint(load_checkpoint(path), device)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], device: str | torch.device | None = None) -> Agent:
+        """The agent of a checkpoint dict already read (by load_checkpoint), in eval mode."""
         agent = cls(config_from_dict(checkpoint["config"]), checkpoint["num_actions"], device or pick_device("auto"))
         for name in COMPONENTS:
             getattr(agent, name).load_state_dict(checkpoint["agent"][name])
@@ -481,7 +485,7 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
     config = config_from_dict(checkpoint["config"])
     if device:
         config.device = device
-    agent = Agent.load(path, pick_device(config.device))
+    agent = Agent.from_checkpoint(checkpoint, pick_device(config.device))
     replay = ReplayBuffer.load(run_dir / "replay.pt", device=agent.device)
     # A kill between saving the dataset and the checkpoint leaves steps the checkpoint never saw.
     replay.truncate(checkpoint["env_steps"])
