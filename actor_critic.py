@@ -167,8 +167,8 @@ def imagine(
 
     return ImagineOutput(
         actions=torch.stack(all_actions, dim=1),  # (B, H)
-        logits=torch.stack(all_logits, dim=1),  # (B, H, A)
-        values=torch.stack(all_values, dim=1),  # (B, H + 1)
+        logits=torch.stack(all_logits, dim=1).float(),  # (B, H, A), fp32 for the losses even under bf16 autocast
+        values=torch.stack(all_values, dim=1).float(),  # (B, H + 1)
         rewards=torch.stack(all_rewards, dim=1).float(),  # (B, H)
         ends=torch.stack(all_ends, dim=1).float(),  # (B, H)
         frames=torch.stack(all_frames, dim=1),  # (B, H + 1, 3, 64, 64)

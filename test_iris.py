@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -1530,3 +1530,104 @@ def test_train_encode_once_per_epoch_gives_the_same_tokens_and_losses():
     assert torch.equal(outs[0].actions, outs[1].actions) and torch.equal(outs[0].rewards, outs[1].rewards)
     assert torch.allclose(outs[0].values, outs[1].values, atol=1e-6)
     assert torch.allclose(outs[0].frames, outs[1].frames, atol=1e-6)
+
+
+# Fast paths (IRISConfig, Speed): each changes the time, not the algorithm; each is compared with the plain path.
+
+
+def _train_tiny_agents(**fast) -> tuple[train.Agent, train.Agent]:
+    """A tiny agent with the fast paths off, and a copy with the same weights and the given fast-path fields."""
+    plain, _ = _train_tiny_agent_and_pong_replay(steps=1)
+    plain.config.fused_adam = False
+    config = replace(plain.config, **fast)
+    other = train.Agent(config, num_actions=plain.num_actions, device="cpu").eval()
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+def test_train_bf16_autocast_stays_close_to_fp32():
+    """bf16 = "always" runs every forward pass of train.py in bf16 autocast (CUDA's default, "cuda", here on CPU)."""
+    agent, replay = _train_tiny_agent_and_pong_replay()
+    cfg = agent.config
+    run = train.Run(cfg, agent, train.make_optimizers(agent, cfg), replay, Path("unused"))
+    frames = replay.observations[:16]  # (16, 3, 64, 64) uint8
+    torch.manual_seed(0)
+    batch = replay.sample(8, cfg.world_model.max_timesteps, sample_from_start=True)
+    tokens = agent.tokenizer.encode(batch["observations"])
+    args = batch["actions"], batch["rewards"], batch["ends"], batch["mask"]
+    frame_tokens = agent.tokenizer.encode(frames)  # (16, K), fp32
+    results = {}
+    for mode in ("never", "always"):
+        cfg.bf16 = mode
+        with torch.no_grad(), agent.autocast():
+            reconstructions = agent.tokenizer.decode(frame_tokens)  # the same z in both: D alone is compared
+            logits, values, _ = agent.actor_critic(reconstructions, agent.actor_critic.initial_state(16))
+            results[mode] = (agent.tokenizer.loss(frames)["total"], agent.world_model.loss(tokens, *args)["total"],
+                             reconstructions, logits, values, agent.tokenizer.encode(frames))
+    assert results["always"][2].dtype == torch.bfloat16 and results["never"][2].dtype == torch.float32
+    for fp32, bf16 in zip(results["never"][:-1], results["always"][:-1]):
+        error = (bf16.float() - fp32).abs()
+        print(f"bf16 vs fp32: mean abs error {error.mean():.1e}, max {error.max():.1e}, of {fp32.abs().mean():.1e}")
+        # bf16 keeps 8 significant bits (0.4%); over D's ~40 layers errors add up to ~1.5% (mean) of the frames
+        assert error.mean() < 0.03 * fp32.abs().mean() + 1e-3 and error.max() < 0.2
+    # bf16 rounding of E(x) can flip the nearest code where two codes are almost equally near, rarely
+    assert (results["always"][-1] == results["never"][-1]).float().mean() > 0.9
+    # A whole update of each component under autocast: finite losses, and weights that move.
+    cfg.bf16 = "always"
+    run.tokens = train.encode_dataset(agent.tokenizer, replay, cfg.encode_batch_size)
+    before = [p.detach().clone() for p in agent.parameters()]
+    agent.train()
+    metrics = {**train.train_steps(run, "tokenizer", lambda: agent.tokenizer.loss(frames)),
+               **train.train_steps(run, "world_model", lambda: train.world_model_loss(run)),
+               **train.train_steps(run, "actor_critic", lambda: train.behavior_loss(
+                   run, WorldModelEnv(agent.tokenizer, agent.world_model)))}
+    assert all(np.isfinite(value) for value in metrics.values()), metrics
+    assert all(not torch.equal(b, p) for b, p in zip(before, agent.parameters()) if p.grad is not None)
+
+
+def test_train_fused_adam_gives_the_same_updates():
+    plain, fused = _train_tiny_agents(fused_adam=True)
+    optimizers = [train.make_optimizers(agent, agent.config) for agent in (plain, fused)]
+    assert optimizers[1]["tokenizer"].defaults["fused"] and optimizers[1]["world_model"].defaults["fused"]
+    assert not optimizers[0]["actor_critic"].defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=generator) for p in plain.parameters()]
+        for agent, opts in zip((plain, fused), optimizers):
+            for p, g in zip(agent.parameters(), grads):
+                p.grad = g.clone()
+            for optimizer in opts.values():
+                optimizer.step()
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_train_channels_last_gives_the_same_outputs():
+    plain, nhwc = _train_tiny_agents(channels_last=True)
+    assert nhwc.tokenizer.decoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    frames = pong_frames(4)
+    with torch.no_grad():
+        outputs = []
+        for agent in (plain, nhwc):
+            tokens = agent.tokenizer.encode(frames)
+            reconstructions = agent.tokenizer.decode(tokens)
+            logits, values, _ = agent.actor_critic(reconstructions, agent.actor_critic.initial_state(4))
+            outputs.append((tokens, reconstructions, logits, values))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    for a, b in zip(outputs[0][1:], outputs[1][1:]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_train_reuse_freed_memory_stops_page_faults_of_large_tensors():
+    """With reuse_freed_memory, a 64 MiB tensor freed and allocated again reuses its pages (no fresh mmap)."""
+    import resource
+
+    def faults_of_one_allocation() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(2**24)  # 64 MiB, written in full, then freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert train.reuse_freed_memory()
+    faults_of_one_allocation()  # the first one grows the heap
+    assert faults_of_one_allocation() < 1000  # glibc's default: about 16,000 faults (one per 4 KiB page) each time

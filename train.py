@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import dataclasses
 import json
 import os
@@ -66,9 +67,13 @@ class IRISConfig:
     final_eval_episodes: int = 100  # Section 3.2: "an average over 100 episodes collected at the end of training"
     eval_envs: int = 8  # test environments stepping in parallel
     media_trajectories: int = 4  # imagined trajectories in the GIF of each evaluation
-    # Speed, with no change to the algorithm's numbers
+    # Speed, with no change to the algorithm (bf16 changes rounding only); README "Speed" has the measurements
     cache_tokens: bool = True  # E is frozen after its steps of the epoch: encode every stored frame once, reuse z
     encode_batch_size: int = 1024  # frames per tokenizer call when encoding the dataset
+    bf16: str = "cuda"  # bf16 autocast of every forward pass: "cuda" (on GPUs only), "always" (CPUs too), "never"
+    fused_adam: bool = True  # Adam's fused kernel (CUDA and CPU): one pass over all parameters, same update
+    channels_last: bool = False  # NHWC layout for the convolutions of E, D and π/V (slower on this CPU: see README)
+    reuse_freed_memory: bool = True  # on CPU, glibc's malloc keeps freed pages of large tensors (see reuse_freed_memory)
     # Components
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # Tables 2-3, Appendix A.1
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)  # Table 4, Appendix A.2
@@ -112,12 +117,24 @@ class Agent(torch.nn.Module):
         tokens = dict(vocab_size=config.tokenizer.vocab_size, tokens_per_frame=config.tokenizer.tokens_per_frame)
         self.world_model = WorldModel(config.world_model, num_actions=num_actions, **tokens)
         self.actor_critic = ActorCritic(config.actor_critic, num_actions)
+        if config.bf16 not in BF16_MODES:
+            raise ValueError(f"bf16 must be one of {', '.join(BF16_MODES)}, got {config.bf16!r}")
         self.to(device)
+        if config.channels_last:  # copies keep this layout: load_state_dict writes into these tensors
+            self.tokenizer.to(memory_format=torch.channels_last)
+            self.actor_critic.to(memory_format=torch.channels_last)
+        if self.device.type == "cpu" and config.reuse_freed_memory:
+            reuse_freed_memory()
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # LSTM state (h, c) of the episodes being played
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for forward passes, where config.bf16 asks for it on this device; else a no-op."""
+        enabled = self.config.bf16 == "always" or (self.config.bf16 == "cuda" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, first: np.ndarray, temperature: float = 1.0, epsilon: float = 0.0) -> np.ndarray:
@@ -127,7 +144,8 @@ class Agent(torch.nn.Module):
         if self.state is None or self.state[0].shape[0] != len(obs):
             self.state = self.actor_critic.initial_state(len(obs), self.device)
         self.state = self.actor_critic.reset_state(self.state, first_t)  # the LSTM state follows the episode
-        actions, self.state = self.actor_critic.act(frames, self.state, self.tokenizer, temperature, epsilon)
+        with self.autocast():
+            actions, self.state = self.actor_critic.act(frames, self.state, self.tokenizer, temperature, epsilon)
         return actions.cpu().numpy()
 
     def save(self, path: str | Path, **extra: Any) -> None:
@@ -153,6 +171,8 @@ class Agent(torch.nn.Module):
 
 
 COMPONENTS = ("tokenizer", "world_model", "actor_critic")
+BF16_MODES = ("cuda", "always", "never")
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 EVAL_SEED_OFFSET = 10_000  # test envs draw other no-op starts than the training env's seeds
 MEDIA_FRAMES = 8  # real frames (and their reconstructions) in each PNG
 MEDIA_BORDER = 2  # pixels of the Figure 4-style colour frame around each imagined frame
@@ -260,8 +280,9 @@ def update_world_model(run: Run, epoch: int) -> dict[str, float]:
             run.replay.sample_frames(cfg.tokenizer_batch_size, device=agent.device))))
     agent.tokenizer.eval()
     uses_tokens = epoch > min(cfg.start_world_model_after_epochs, cfg.start_actor_critic_after_epochs)
-    run.tokens = encode_dataset(agent.tokenizer, run.replay, cfg.encode_batch_size) if (
-        cfg.cache_tokens and uses_tokens) else None
+    with agent.autocast():
+        run.tokens = encode_dataset(agent.tokenizer, run.replay, cfg.encode_batch_size) if (
+            cfg.cache_tokens and uses_tokens) else None
     if epoch > cfg.start_world_model_after_epochs:
         agent.world_model.train()
         metrics.update(train_steps(run, "world_model", lambda: world_model_loss(run)))
@@ -323,7 +344,8 @@ def train_steps(run: Run, name: str, compute_loss) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     steps = run.config.training_steps_per_epoch
     for _ in tqdm(range(steps), desc=name, leave=False, disable=None):
-        losses = compute_loss()
+        with run.agent.autocast():  # forward passes only: backward runs each op in its forward's dtype
+            losses = compute_loss()
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), run.config.max_grad_norm)
@@ -336,10 +358,12 @@ def train_steps(run: Run, name: str, compute_loss) -> dict[str, float]:
 def make_optimizers(agent: Agent, cfg: IRISConfig) -> dict[str, torch.optim.Optimizer]:
     """Adam for E, D and for π, V; AdamW with weight decay on G's Linear weights only (Table 4)."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
+    fused = cfg.fused_adam and agent.device.type in ("cuda", "cpu")  # where torch has the fused kernel
+    adam = {"lr": cfg.learning_rate, "betas": betas, "fused": fused or None}
     return {
-        "tokenizer": torch.optim.Adam(agent.tokenizer.parameters(), lr=cfg.learning_rate, betas=betas),
-        "world_model": agent.world_model.configure_optimizer(cfg.learning_rate, betas),
-        "actor_critic": torch.optim.Adam(agent.actor_critic.parameters(), lr=cfg.learning_rate, betas=betas),
+        "tokenizer": torch.optim.Adam(agent.tokenizer.parameters(), **adam),
+        "world_model": agent.world_model.configure_optimizer(cfg.learning_rate, betas, fused),
+        "actor_critic": torch.optim.Adam(agent.actor_critic.parameters(), **adam),
     }
 
 
@@ -440,6 +464,22 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def reuse_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for the next large tensor; True if it could (Linux with glibc).
+
+    By default glibc maps every block over 32 MiB afresh (one of D's activations on 64 frames is 64 MiB) and unmaps
+    it when freed, so each forward pass page-faults again on every 4 KiB: measured as 40% of D's time on this CPU.
+    No block is then mmap-ed and the heap is never trimmed: the process keeps its peak memory, and runs faster.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # another C library (musl) has no mallopt
+        return False
 
 
 def set_seed(seed: int) -> None:

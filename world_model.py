@@ -214,14 +214,15 @@ class WorldModel(nn.Module):
         return {"total": transition + reward + termination, "transition": transition, "reward": reward,
                 "termination": termination}
 
-    def configure_optimizer(self, learning_rate: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    def configure_optimizer(self, learning_rate: float, betas: tuple[float, float], fused: bool = False
+                            ) -> torch.optim.Optimizer:
         """AdamW as in minGPT: weight decay on Linear weights only; none on biases, LayerNorms or embeddings."""
         decay = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         decay_ids = {id(p) for p in decay}
         no_decay = [p for p in self.parameters() if id(p) not in decay_ids]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -243,6 +244,7 @@ def sample(logits: torch.Tensor) -> torch.Tensor:
     minus its input check, which calls .item(). Differs from the reference code (Categorical(logits).sample(),
     whose argument validation syncs): same distribution, different random stream.
     """
+    logits = logits.float()  # bf16 logits under autocast: draw in fp32, so rare classes keep their probability
     return torch.argmax(logits - torch.empty_like(logits).exponential_().log(), dim=-1)
 
 
