@@ -106,7 +106,11 @@ def phase(bench: Bench, name: str) -> tuple[Callable[[], Any], int, str]:
     if name == "encode":  # one call of the tokenizer on encode_batch_size frames
         chunk = random_replay(cfg, min(cfg.encode_batch_size, len(bench.replay)), agent)
         agent.tokenizer.eval()
-        return lambda: train.encode_dataset(agent.tokenizer, chunk, cfg.encode_batch_size), len(chunk), "frames"
+        def encode() -> None:
+            with agent.autocast():  # as update_world_model
+                train.encode_dataset(agent.tokenizer, chunk, cfg.encode_batch_size)
+
+        return encode, len(chunk), "frames"
     if name == "world_model":  # update_world_model's step of G, without its encoding of the dataset (see encode)
         run = bench.run(one_step)
         agent.tokenizer.eval()
@@ -120,12 +124,12 @@ def phase(bench: Bench, name: str) -> tuple[Callable[[], Any], int, str]:
     if name == "imagination":
         run, wm_env = bench.run(cfg), WorldModelEnv(agent.tokenizer, agent.world_model)
 
-        @torch.no_grad()
         def rollout() -> None:
             batch = run.replay.sample(cfg.actor_critic_batch_size, ac.burn_in + 1, sample_from_start=False,
                                       device=agent.device)
-            imagine(agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac.imagination_horizon,
-                    tokens=train.segment_tokens(run, batch))
+            with torch.no_grad(), agent.autocast():
+                imagine(agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac.imagination_horizon,
+                        tokens=train.segment_tokens(run, batch))
 
         return rollout, cfg.actor_critic_batch_size * ac.imagination_horizon, "frames"
     if name == "collection":
@@ -255,7 +259,7 @@ def print_table(result: dict[str, Any], cfg: train.IRISConfig) -> None:
     loads = [" ".join(f"{x:.2f}" for x in meta[key]) for key in ("load_start", "load_end")]
     print(f"load average (1, 5, 15 min): {loads[0]} at start, {loads[1]} at end")
     print(f"median of {meta['repeats']} timed runs after {meta['warmup']} warm-up runs | {meta['perceptual']}")
-    print(f"peak memory: {meta['memory']}")
+    print(f"peak memory: {meta['memory']} | {meta['fast_paths']}")
     if meta["device"] == "cpu" and meta["threads"] > 1 and meta["load_start"][0] >= (os.cpu_count() or 1):
         print("note: other processes keep every core busy; torch's threads then wait on each other, and times can be "
               "several times longer than on an idle machine (try --threads 1)")
@@ -277,6 +281,14 @@ def print_table(result: dict[str, Any], cfg: train.IRISConfig) -> None:
     hours = projection["run_hours"]
     length = f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.1f} min"
     print(f"full run of {cfg.epochs} epochs ({counts} epochs): {length} (evaluation and checkpoints not counted)")
+
+
+def fast_paths(agent: train.Agent) -> str:
+    cfg = agent.config
+    with agent.autocast():
+        bf16 = torch.is_autocast_enabled(agent.device.type)
+    return (f"bf16 autocast {'on' if bf16 else 'off'}, cache_tokens {cfg.cache_tokens}, fused_adam {cfg.fused_adam}, "
+            f"channels_last {cfg.channels_last}, reuse_freed_memory {cfg.reuse_freed_memory}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                  "load_end": os.getloadavg(), "repeats": args.repeats, "warmup": args.warmup,
                  "perceptual": "perceptual loss on, VGG16 with random weights (ImageNet weights are a download; "
                  "same cost)" if cfg.tokenizer.perceptual_weight > 0 else "perceptual loss off (weight 0)",
+                 "fast_paths": fast_paths(agent),
                  "memory": "CUDA max_memory_allocated" if device.type == "cuda" else
                  "growth of the peak resident set size (VmHWM) over the phase, warm-up included"},
         "phases": phases,
