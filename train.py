@@ -73,7 +73,7 @@ class IRISConfig:
     bf16: str = "cuda"  # bf16 autocast of every forward pass: "cuda" (on GPUs only), "always" (CPUs too), "never"
     fused_adam: bool = True  # Adam's fused kernel (CUDA and CPU): one pass over all parameters, same update
     channels_last: bool = False  # NHWC layout for the convolutions of E, D and π/V (slower on this CPU: see README)
-    reuse_freed_memory: bool = True  # on CPU, glibc's malloc keeps freed pages of large tensors (see reuse_freed_memory)
+    reuse_freed_memory: bool = True  # CPU: glibc malloc keeps freed pages of big tensors (see reuse_freed_memory)
     # Components
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # Tables 2-3, Appendix A.1
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)  # Table 4, Appendix A.2
