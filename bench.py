@@ -41,13 +41,13 @@ from typing import Any
 import torch
 
 import train
+from agent import COMPONENTS, Agent, IRISConfig, pick_device, set_field, set_seed, setup_process
 from actor_critic import imagine
 from env import make_env
 from replay import ReplayBuffer
 from world_model import WorldModelEnv
 
 PHASES = ("tokenizer", "encode", "world_model", "actor_critic", "imagination", "collection", "replay")
-COMPONENTS = ("tokenizer", "world_model", "actor_critic")
 MIB = 2**20
 
 
@@ -55,8 +55,8 @@ MIB = 2**20
 class Bench:
     """What the phases share: one agent and its optimizers, a real env, and the full-size dataset (built lazily)."""
 
-    config: train.IRISConfig
-    agent: train.Agent
+    config: IRISConfig
+    agent: Agent
     optimizers: dict[str, torch.optim.Optimizer]
     env: Any
 
@@ -72,14 +72,14 @@ class Bench:
         shape = (len(self.replay), tok.tokens_per_frame)
         return torch.randint(0, tok.vocab_size, shape, device=self.agent.device) if self.config.cache_tokens else None
 
-    def run(self, config: train.IRISConfig, replay: ReplayBuffer | None = None) -> train.Run:
+    def run(self, config: IRISConfig, replay: ReplayBuffer | None = None) -> train.Run:
         """A train.Run on the full dataset and its token table, or on another dataset without one."""
         tokens = self.tokens if replay is None else None
         return train.Run(config, self.agent, self.optimizers, replay or self.replay, Path(tempfile.gettempdir()),
                          env=self.env, tokens=tokens)
 
 
-def random_replay(cfg: train.IRISConfig, size: int, agent: train.Agent) -> ReplayBuffer:
+def random_replay(cfg: IRISConfig, size: int, agent: Agent) -> ReplayBuffer:
     """A dataset D of size steps of random frames, in episodes of the longest training length."""
     episode_length = cfg.env.max_train_frames // cfg.env.frame_skip  # 5,000 agent steps
     replay = ReplayBuffer(device=agent.device, chunk_size=size)  # one allocation
@@ -102,21 +102,18 @@ def phase(bench: Bench, name: str) -> tuple[Callable[[], Any], int, str]:
         run = bench.run(replace(one_step, start_world_model_after_epochs=cfg.epochs,
                                 start_actor_critic_after_epochs=cfg.epochs))
         epoch = cfg.start_tokenizer_after_epochs + 1
-        return lambda: train.update_world_model(run, epoch), cfg.tokenizer_batch_size, "frames"
+        return lambda: train.update_world_model(run, epoch, "tokenizer"), cfg.tokenizer_batch_size, "frames"
     if name == "encode":  # one call of the tokenizer on encode_batch_size frames
-        chunk = random_replay(cfg, min(cfg.encode_batch_size, len(bench.replay)), agent)
+        run = bench.run(replace(cfg, encode_batch_size=min(cfg.encode_batch_size, len(bench.replay))),
+                        random_replay(cfg, min(cfg.encode_batch_size, len(bench.replay)), agent))
         agent.tokenizer.eval()
-        def encode() -> None:
-            with agent.autocast():  # as update_world_model
-                train.encode_dataset(agent.tokenizer, chunk, cfg.encode_batch_size)
-
-        return encode, len(chunk), "frames"
+        epoch = max(cfg.start_world_model_after_epochs, cfg.start_actor_critic_after_epochs) + 1
+        return lambda: train.encode_dataset(run, epoch), len(run.replay), "frames"
     if name == "world_model":  # update_world_model's step of G, without its encoding of the dataset (see encode)
         run = bench.run(one_step)
-        agent.tokenizer.eval()
-        agent.world_model.train()
         work = cfg.world_model_batch_size * cfg.world_model.max_timesteps
-        return lambda: train.train_steps(run, "world_model", lambda: train.world_model_loss(run)), work, "steps"
+        epoch = cfg.start_world_model_after_epochs + 1
+        return lambda: train.update_world_model(run, epoch, "world_model"), work, "steps"
     if name == "actor_critic":
         run, epoch = bench.run(one_step), cfg.start_actor_critic_after_epochs + 1
         work = cfg.actor_critic_batch_size * ac.imagination_horizon
@@ -193,7 +190,7 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
     return {"seconds": statistics.median(times), "runs": times, "peak_mib": peak_mib()}
 
 
-def project(cfg: train.IRISConfig, phases: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def project(cfg: IRISConfig, phases: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """An epoch at the end of collection and the whole run, from the config's epochs, delays and steps (Table 5)."""
     needed = {"collection", *COMPONENTS} | ({"encode"} if cfg.cache_tokens else set())
     if not needed <= phases.keys():
@@ -230,7 +227,7 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def parse_bench_args(argv: list[str] | None = None) -> tuple[train.IRISConfig, argparse.Namespace]:
+def parse_bench_args(argv: list[str] | None = None) -> tuple[IRISConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False, epilog="Every flag of train.py is accepted too: --preset "
                                      "tiny, --device cpu, --game Breakout, --tokenizer.ch 32... (python train.py -h)")
@@ -252,7 +249,7 @@ def parse_bench_args(argv: list[str] | None = None) -> tuple[train.IRISConfig, a
     return config, args
 
 
-def print_table(result: dict[str, Any], cfg: train.IRISConfig) -> None:
+def print_table(result: dict[str, Any], cfg: IRISConfig) -> None:
     meta = result["meta"]
     print(f"iris bench | preset {meta['preset']} | {meta['device']} ({meta['device_name']}) | torch {meta['torch']} "
           f"| {meta['threads']} threads")
@@ -283,7 +280,7 @@ def print_table(result: dict[str, Any], cfg: train.IRISConfig) -> None:
     print(f"full run of {cfg.epochs} epochs ({counts} epochs): {length} (evaluation and checkpoints not counted)")
 
 
-def fast_paths(agent: train.Agent) -> str:
+def fast_paths(agent: Agent) -> str:
     cfg = agent.config
     with agent.autocast():
         bf16 = torch.is_autocast_enabled(agent.device.type)
@@ -296,12 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if cfg.tokenizer.perceptual_weight > 0:
-        train.set_field(cfg, "tokenizer.pretrained_vgg", False)
+        set_field(cfg, "tokenizer.pretrained_vgg", False)
     load_start = os.getloadavg()
-    train.set_seed(cfg.seed)
-    device = train.pick_device(cfg.device)
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device)
     env = make_env(cfg.game, train=True, seed=cfg.seed, config=cfg.env)
-    agent = train.Agent(cfg, int(env.action_space.n), device)
+    setup_process(cfg, device)
+    agent = Agent(cfg, int(env.action_space.n), device)
     if cfg.tokenizer.perceptual_weight > 0:
         agent.tokenizer.perceptual_net()  # build VGG16 now, not inside the first timed step
     bench = Bench(cfg, agent, train.make_optimizers(agent, cfg), env)

@@ -22,7 +22,7 @@ Which definitions reproduce the paper (Table 1, from IRIS's 5 runs x 26 games, s
     mean            of per-game mean HNS                      1.046 (the same pooled over runs x games)
     median          of per-game mean HNS                      0.289 (pooled over runs x games: 0.284)
     IQM             25% trimmed mean pooled over runs x games 0.501 (of per-game means: 0.543)
-    optimality gap  mean of max(0, γ - HNS), γ = 1, pooled    0.512 (of per-game means: 0.482)
+    optimality gap  mean of max(0, 1 - HNS), pooled          0.512 (of per-game means: 0.482)
 These are the definitions of rliable (metrics.aggregate_*), which the authors used. #Superhuman counts games
 whose mean HNS is >= 1 (Pong ties the human score of 14.6; counting it gives the paper's 10).
 Stratified bootstrap: each replicate resamples, with replacement, the runs of every game separately (the games
@@ -31,7 +31,7 @@ are the strata) and recomputes the metric; the CI is the percentile interval (rl
 We do not use rliable itself: it pulls in arch, scipy, pandas and seaborn, none of which the rest of iris needs;
 the four metrics and the bootstrap take a few lines of numpy, tested against the paper's numbers.
 Reference scores (Random, Human, IRIS's published per-run scores) ship in scores.json beside this file.
-Playing episodes needs env.py and train.py (torch, ALE); --aggregate and the metric functions need only numpy.
+Playing episodes needs env.py and agent.py (torch, ALE); --aggregate and the metric functions need only numpy.
 """
 
 import argparse
@@ -51,19 +51,19 @@ METRIC_LABELS = {"mean": "Mean (↑)", "median": "Median (↑)", "iqm": "IQM (�
 
 @dataclass
 class EvalConfig:
-    num_episodes: int = 100  # test episodes per run, Section 3.2 ("an average over 100 episodes")
-    # Differs from the reference code: its scripts/eval.py plays the 100 episodes in 25 envs. The count does not bias
-    # the mean: env.run_episodes gives each env a fixed share of the episodes.
-    num_envs: int = 8  # parallel test envs
-    temperature: float = 0.5  # eval sampling temperature, Table 5
-    epsilon: float = 0.0  # no ε-greedy at test time (Table 5's ε = 0.01 is for collection only)
+    """How results are summarised and recorded. How episodes are played (their number, the parallel envs, the
+    temperature) comes from the agent's IRISConfig: final_eval_episodes, eval_envs, eval_temperature."""
+
     seed: int = 0  # seeds the envs, the policy's sampling and the bootstrap
     bootstrap_reps: int = 50_000  # bootstrap replicates, as the authors' results notebook (rliable)
     confidence: float = 0.95  # 95% confidence intervals, Figure 5
-    gamma: float = 1.0  # γ, the optimality-gap threshold (human level), Appendix C
+    optimality_threshold: float = 1.0  # the optimality gap's human level, HNS = 1 (Appendix C; rliable's gamma)
     record_format: str = "gif"  # "gif" (Pillow) or "mp4" (OpenCV)
     record_scale: int = 2  # upscale the 64x64 frames for viewing
     record_fps: int = 15  # 60 Hz Atari / frame skip 4
+
+
+TEST_EPSILON = 0.0  # no ε-greedy at test time (Table 5's ε = 0.01 is for collection only)
 
 
 class EvaluationError(ValueError):
@@ -110,11 +110,11 @@ def interquartile_mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.take(x, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
 
 
-def _aggregates(per_game: list[np.ndarray], gamma: float) -> dict[str, np.ndarray]:
+def _aggregates(per_game: list[np.ndarray], threshold: float) -> dict[str, np.ndarray]:
     """The four metrics from per_game[g]: (..., n_g) HNS of game g's runs; each metric has shape (...)."""
     game_means = np.stack([runs.mean(-1) for runs in per_game], axis=-1)  # (..., G)
     pooled = np.concatenate(per_game, axis=-1)  # (..., sum of n_g): all runs x games
-    gaps = np.stack([np.maximum(0.0, gamma - runs).mean(-1) for runs in per_game], axis=-1)  # (..., G)
+    gaps = np.stack([np.maximum(0.0, threshold - runs).mean(-1) for runs in per_game], axis=-1)  # (..., G)
     return {
         "mean": game_means.mean(-1),
         "median": np.median(game_means, axis=-1),
@@ -125,10 +125,11 @@ def _aggregates(per_game: list[np.ndarray], gamma: float) -> dict[str, np.ndarra
     }
 
 
-def aggregate_metrics(hns_by_game: dict[str, list[float]], gamma: float = EvalConfig.gamma) -> dict[str, float]:
+def aggregate_metrics(hns_by_game: dict[str, list[float]],
+                      threshold: float = EvalConfig.optimality_threshold) -> dict[str, float]:
     """Point estimates of mean, median, IQM, optimality gap and #superhuman games (Table 1) of HNS per run."""
     per_game = [np.asarray(runs, dtype=np.float64) for runs in hns_by_game.values()]
-    metrics = {name: float(value) for name, value in _aggregates(per_game, gamma).items()}
+    metrics = {name: float(value) for name, value in _aggregates(per_game, threshold).items()}
     # Tolerance: Pong's mean IRIS score equals the human score (14.6) up to float rounding; the paper counts it.
     metrics["superhuman"] = int(sum(runs.mean() >= 1.0 - 1e-9 for runs in per_game))
     return metrics
@@ -139,14 +140,14 @@ def stratified_bootstrap_ci(
     rng: np.random.Generator,
     reps: int = EvalConfig.bootstrap_reps,
     confidence: float = EvalConfig.confidence,
-    gamma: float = EvalConfig.gamma,
+    threshold: float = EvalConfig.optimality_threshold,
 ) -> dict[str, tuple[float, float]]:
     """Percentile CIs of the four metrics, resampling each game's runs with replacement (games are the strata)."""
     per_game = []
     for runs in hns_by_game.values():
         runs = np.asarray(runs, dtype=np.float64)
         per_game.append(runs[rng.integers(0, len(runs), size=(reps, len(runs)))])  # (reps, n_g)
-    replicates = _aggregates(per_game, gamma)  # each (reps,)
+    replicates = _aggregates(per_game, threshold)  # each (reps,)
     return {name: _percentile_interval(values, confidence) for name, values in replicates.items()}
 
 
@@ -220,13 +221,14 @@ def aggregate_runs(paths: list[Path], config: EvalConfig, scores: dict | None = 
     result = {"games": games, "excluded": excluded, "confidence": config.confidence, "seed": config.seed}
     if hns_by_game:
         rng = np.random.default_rng(config.seed)
-        ours = aggregate_metrics(hns_by_game, config.gamma)
-        cis = stratified_bootstrap_ci(hns_by_game, rng, config.bootstrap_reps, config.confidence, config.gamma)
+        ours = aggregate_metrics(hns_by_game, config.optimality_threshold)
+        cis = stratified_bootstrap_ci(hns_by_game, rng, config.bootstrap_reps, config.confidence,
+                                      config.optimality_threshold)
         result["metrics"] = {name: {"value": ours[name], "ci": list(cis[name])} for name in METRICS}
         result["metrics"]["superhuman"] = {"value": ours["superhuman"], "ci": None}
         iris_hns = {g: human_normalized(reference(g, "iris", scores), g, scores)[0] for g in hns_by_game}
         if all(hns is not None for hns in iris_hns.values()):
-            result["iris_paper_metrics"] = aggregate_metrics(iris_hns, config.gamma)
+            result["iris_paper_metrics"] = aggregate_metrics(iris_hns, config.optimality_threshold)
     return result
 
 
@@ -272,51 +274,11 @@ def resolve_checkpoint(path: Path) -> Path:
     return checkpoint
 
 
-def check_checkpoint(checkpoint: dict, source: Path, game: str | None = None, run_config: dict | None = None) -> str:
-    """Refuse a checkpoint that is not ours, is from another game than asked, or disagrees with its run's config."""
-    missing = [k for k in ("config", "game", "num_actions") if not (isinstance(checkpoint, dict) and k in checkpoint)]
-    if missing:
-        raise EvaluationError(f"{source}: not an iris checkpoint (missing {', '.join(missing)})")
-    trained_on = checkpoint["game"]
-    if game is not None and _key(game) != _key(trained_on):
-        raise EvaluationError(f"{source}: this checkpoint was trained on {trained_on}, not {game}; "
-                              f"pass a {game} checkpoint or drop --game")
-    if run_config is not None:
-        run_config = {k: v for k, v in run_config.items() if k not in RUN_SPECIFIC_KEYS}
-        differing = _differing_keys(run_config, checkpoint["config"])
-        if differing:
-            raise EvaluationError(f"{source}: its config differs from {source.parent / 'config.json'} in "
-                                  f"{', '.join(differing[:8])}; this checkpoint belongs to another run")
-    return trained_on
-
-
-def check_actions(checkpoint: dict, source: Path, env_actions: int) -> None:
-    """Refuse an agent whose action head does not fit the game's minimal action set."""
-    if env_actions != checkpoint["num_actions"]:
-        raise EvaluationError(f"{source}: the agent has {checkpoint['num_actions']} actions but "
-                              f"{checkpoint['game']}'s minimal action set has {env_actions}; "
-                              "it was trained with another env config")
-
-
-RUN_SPECIFIC_KEYS = ("device", "out")  # config.json fields that may differ from the checkpoint's (--device on resume)
-
-
-def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Keys present in both nested dicts whose values differ."""
-    differing = []
-    for key in a.keys() & b.keys():
-        if isinstance(a[key], dict) and isinstance(b[key], dict):
-            differing += _differing_keys(a[key], b[key], f"{prefix}{key}.")
-        elif a[key] != b[key] and not (isinstance(a[key], list | tuple) and list(a[key]) == list(b[key])):
-            differing.append(prefix + key)
-    return sorted(differing)
-
-
 def load_agent(path: Path, game: str | None, device: str):
     """(agent, checkpoint dict, game) after refusing a checkpoint that does not fit the game or its run."""
     # Imported here so that --aggregate and the metric functions need neither torch nor ALE.
+    from agent import Agent, check_checkpoint, load_checkpoint, pick_device
     from env import canonical_game, make_env
-    from train import Agent, load_checkpoint, pick_device
 
     checkpoint_path = resolve_checkpoint(path)
     config_file = checkpoint_path.parent / "config.json"
@@ -324,18 +286,14 @@ def load_agent(path: Path, game: str | None, device: str):
     try:
         torch_device = pick_device(device)
         checkpoint = load_checkpoint(checkpoint_path)
-        game = None if game is None else canonical_game(game)
-        trained_on = canonical_game(check_checkpoint(checkpoint, checkpoint_path, game, run_config))
-    except (FileNotFoundError, RuntimeError, ValueError) as error:  # EvaluationError is a ValueError
-        raise EvaluationError(str(error)) from error
-    env = make_env(trained_on, train=False)
-    check_actions(checkpoint, checkpoint_path, int(env.action_space.n))
-    env.close()
-    try:
+        game = canonical_game(game or checkpoint["game"])
+        env = make_env(game, train=False)
+        check_checkpoint(checkpoint, checkpoint_path, game, int(env.action_space.n), run_config)
+        env.close()
         agent = Agent.from_checkpoint(checkpoint, torch_device)  # the checkpoint is read once
-    except (RuntimeError, TypeError, KeyError) as error:  # weights that do not fit the stored config
-        raise EvaluationError(f"{checkpoint_path}: its weights do not match its config ({error})") from error
-    return agent, checkpoint, trained_on
+    except (FileNotFoundError, RuntimeError, ValueError) as error:  # CheckpointError is a ValueError
+        raise EvaluationError(str(error)) from error
+    return agent, checkpoint, game
 
 
 class BestEpisodeRecorder:
@@ -401,7 +359,8 @@ def save_video(frames: list[np.ndarray], tokenizer, path: Path, config: EvalConf
     return path
 
 
-def summarize_returns(game: str, returns: list[float], config: EvalConfig, scores: dict | None = None) -> dict:
+def summarize_returns(game: str, returns: list[float], config: EvalConfig, temperature: float,
+                      scores: dict | None = None) -> dict:
     """Mean return with a bootstrap CI and the HNS (or the reason there is none), as written to eval.json."""
     rng = np.random.default_rng(config.seed)
     mean_return = float(np.mean(returns))
@@ -419,8 +378,8 @@ def summarize_returns(game: str, returns: list[float], config: EvalConfig, score
         "hns": None if hns is None else float(hns[0]),
         "hns_ci": None if hns is None else [float(hns[1]), float(hns[2])],
         "hns_note": reason,
-        "temperature": config.temperature,
-        "epsilon": config.epsilon,
+        "temperature": temperature,
+        "epsilon": TEST_EPSILON,
         "seed": config.seed,
     }
 
@@ -445,29 +404,38 @@ def format_result(result: dict) -> str:
 
 
 def evaluate_checkpoint(path: Path, config: EvalConfig, game: str | None = None, device: str = "auto",
-                        record: bool = False, out: Path | None = None, progress: bool = True) -> dict:
-    """Play config.num_episodes test episodes with a checkpoint's agent; write eval.json (or out) and return it."""
+                        record: bool = False, out: Path | None = None, progress: bool = True,
+                        episodes: int | None = None, envs: int | None = None,
+                        temperature: float | None = None) -> dict:
+    """Play test episodes with a checkpoint's agent; write eval.json (or out) and return it.
+
+    episodes, envs and temperature default to the agent's final_eval_episodes, eval_envs and eval_temperature.
+    """
     import torch
 
     from env import EnvConfig, run_episodes
 
+    from agent import setup_process
+
     agent, checkpoint, game = load_agent(path, game, device)
+    setup_process(agent.config, agent.device)
+    episodes = episodes or agent.config.final_eval_episodes
+    temperature = agent.config.eval_temperature if temperature is None else temperature
+    num_envs = min(envs or agent.config.eval_envs, episodes)
     torch.manual_seed(config.seed)  # the policy samples its actions
     agent.state = None  # fresh LSTM states; Agent.act resets each row where an episode starts
-    num_envs = min(config.num_envs, config.num_episodes)
-    recorder = BestEpisodeRecorder(config.num_episodes, num_envs) if record else None
+    recorder = BestEpisodeRecorder(episodes, num_envs) if record else None
 
     def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
-        return agent.act(obs, first, config.temperature, config.epsilon)
+        return agent.act(obs, first, temperature, TEST_EPSILON)
 
     # The test env of the agent's own env config (frame skip etc.): no life-loss ends, max_test_frames per episode.
     env_config = agent.config.env
     if env_config != EnvConfig():
         print(f"warning: {game}'s env config differs from the paper's protocol: {env_config}", file=sys.stderr)
-    returns = run_episodes(game, policy, config.num_episodes, num_envs=num_envs,
-                           seed=config.seed, train=False, config=env_config, progress=progress,
-                           on_step=None if recorder is None else recorder.on_step)
-    result = summarize_returns(game, returns, config)
+    returns = run_episodes(game, policy, episodes, num_envs=num_envs, seed=config.seed, train=False,
+                           config=env_config, progress=progress, on_step=None if recorder is None else recorder.on_step)
+    result = summarize_returns(game, returns, config, temperature)
     result.update(checkpoint=str(resolve_checkpoint(path)), max_frames=env_config.max_test_frames,
                   epoch=checkpoint.get("epoch"), env_steps=checkpoint.get("env_steps"), video=None)
     out = out or resolve_checkpoint(path).parent / "eval.json"
@@ -488,9 +456,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
     parser.add_argument("--aggregate", action="store_true", help="aggregate many runs (games x seeds)")
-    parser.add_argument("--episodes", type=int, default=defaults.num_episodes, help="test episodes (Section 3.2)")
-    parser.add_argument("--envs", type=int, default=defaults.num_envs, help="parallel test environments")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling (Table 5)")
+    parser.add_argument("--episodes", type=int, help="test episodes (default: the agent's final_eval_episodes, 100)")
+    parser.add_argument("--envs", type=int, help="parallel test environments (default: the agent's eval_envs)")
+    parser.add_argument("--temperature", type=float, help="sampling (default: the agent's eval_temperature, 0.5)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="envs, policy sampling and bootstrap")
     parser.add_argument("--record", action="store_true", help="save the best episode (real frame | agent's view)")
     parser.add_argument("--record-format", choices=("gif", "mp4"), default=defaults.record_format)
@@ -501,15 +469,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.aggregate and len(args.paths) > 1:
         parser.error("give one run directory or checkpoint, or --aggregate for many")
-    if args.episodes < 1 or args.envs < 1 or args.reps < 1:
-        parser.error("--episodes, --envs and --reps must be at least 1")
+    for name in ("episodes", "envs", "reps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.temperature is not None and args.temperature < 0:
+        parser.error(f"--temperature must be at least 0 (0: argmax), got {args.temperature}")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config = EvalConfig(num_episodes=args.episodes, num_envs=args.envs, temperature=args.temperature,
-                        seed=args.seed, bootstrap_reps=args.reps, record_format=args.record_format)
+    config = EvalConfig(seed=args.seed, bootstrap_reps=args.reps, record_format=args.record_format)
     try:
         if args.aggregate:
             result = aggregate_runs(args.paths, config)
@@ -518,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.out.write_text(json.dumps(result, indent=2) + "\n")
                 print(f"wrote {args.out}")
             return
-        result = evaluate_checkpoint(args.paths[0], config, args.game, args.device, args.record, args.out)
+        result = evaluate_checkpoint(args.paths[0], config, args.game, args.device, args.record, args.out,
+                                     episodes=args.episodes, envs=args.envs, temperature=args.temperature)
     except EvaluationError as error:
         sys.exit(f"evaluate.py: error: {error}")
     print(format_result(result))

@@ -186,6 +186,19 @@ class ReplayBuffer:
         """Every stored frame x_t in order, (len, 3, 64, 64) uint8: a view, not a copy."""
         return self._data["observations"][: self._size]
 
+    def last_frames(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last n frames of the episode being collected, left-padded with zeros: (n, 3, 64, 64) uint8 and a
+        mask (n,) bool, True on real frames. All padding when no episode is open (the next step starts one)."""
+        start = self._episode_starts[-1] if self._episode_open else self._size
+        first = max(start, self._size - n)
+        frames = torch.zeros((n, *self.obs_shape), dtype=torch.uint8, device=self.device)
+        mask = torch.zeros(n, dtype=torch.bool, device=self.device)
+        count = self._size - first
+        if count > 0:
+            frames[n - count:] = self._data["observations"][first:self._size]
+            mask[n - count:] = True
+        return frames, mask
+
     def sample_frames(self, batch_size: int, device: str | torch.device | None = None) -> torch.Tensor:
         """B frames drawn uniformly over all steps (tokenizer batches): (B, 3, 64, 64) uint8."""
         if self._size == 0:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision
 
 import evaluate
+import agent as agent_lib
 import train
 from actor_critic import (ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns,
                           imagine)
@@ -247,6 +248,18 @@ def test_replay_truncate_and_close_episode():
     buffer.close_episode()
     buffer.add(_frame(97), 0, 0.0, False)
     assert buffer.episode_lengths == [4, 2, 1]
+
+
+def test_replay_last_frames_of_the_open_episode_left_padded():
+    buffer = _filled_buffer([4, 2])  # steps 0-3 closed, steps 4-5 open
+    frames, mask = buffer.last_frames(3)
+    assert mask.tolist() == [False, True, True]  # 2 frames in the episode: left-padded to 3
+    assert frames[0].eq(0).all() and torch.equal(frames[1:], buffer.observations[4:6])
+    frames, mask = _filled_buffer([6]).last_frames(3)  # a longer episode: its last 3 frames
+    assert mask.all() and frames[:, 0, 0, 0].tolist() == [4, 5, 6]  # _frame(step) stores step + 1
+    _, mask = _filled_buffer([4, 2], last_open=False).last_frames(3)
+    assert not mask.any()  # no open episode: the next step starts a new one, with a blank LSTM state
+    assert _filled_buffer([4]).last_frames(0)[0].shape == (0, 3, 64, 64)
 
 
 def test_replay_save_load_round_trip(tmp_path):
@@ -1177,30 +1190,31 @@ def test_evaluate_bootstrap_is_seeded_and_stratified():
 
 def test_evaluate_summary_and_missing_reference_scores():
     config = evaluate.EvalConfig(bootstrap_reps=500)
-    pong = evaluate.summarize_returns("Pong", [-21.0, -19.0], config)
+    pong = evaluate.summarize_returns("Pong", [-21.0, -19.0], config, temperature=0.5)
     assert pong["mean_return"] == -20.0 and pong["return_ci"][0] <= -20.0 <= pong["return_ci"][1]
     assert pong["hns"] == pytest.approx((-20.0 + 20.7) / (14.6 + 20.7))
     assert pong["hns_ci"][0] <= pong["hns"] <= pong["hns_ci"][1]
-    tennis = evaluate.summarize_returns("Tennis", [-5.0, -3.0], config)
+    tennis = evaluate.summarize_returns("Tennis", [-5.0, -3.0], config, temperature=0.5)
     assert tennis["mean_return"] == -4.0 and tennis["hns"] is None
     assert "Tennis" in tennis["hns_note"] and "Random/Human" in tennis["hns_note"]
     assert "none (no Random/Human score for Tennis" in evaluate.format_result(tennis)
 
 
-def test_evaluate_refuses_checkpoint_of_other_game_or_run(tmp_path):
+def test_agent_checkpoint_validator_refuses_other_game_run_or_file(tmp_path):
     checkpoint = {"config": {"game": "Breakout", "seed": 0, "device": "cuda"}, "game": "Breakout", "num_actions": 4}
     source = tmp_path / "checkpoint.pt"
-    assert evaluate.check_checkpoint(checkpoint, source, game="Breakout") == "Breakout"
-    with pytest.raises(evaluate.EvaluationError, match="trained on Breakout, not Pong"):
-        evaluate.check_checkpoint(checkpoint, source, game="Pong")
-    with pytest.raises(evaluate.EvaluationError, match="not an iris checkpoint"):
-        evaluate.check_checkpoint({"agent": {}}, source)
-    with pytest.raises(evaluate.EvaluationError, match="differs from .*config.json in seed"):
-        evaluate.check_checkpoint(checkpoint, source, run_config={"game": "Breakout", "seed": 1})
+    agent_lib.check_checkpoint(checkpoint, source, game="Breakout", num_actions=4)
+    with pytest.raises(agent_lib.CheckpointError, match="trained on Breakout, not Pong"):
+        agent_lib.check_checkpoint(checkpoint, source, game="Pong")
+    with pytest.raises(agent_lib.CheckpointError, match="differs from .*config.json in seed"):
+        agent_lib.check_checkpoint(checkpoint, source, run_config={"game": "Breakout", "seed": 1})
     # The device may change on resume; it is not a different run.
-    evaluate.check_checkpoint(checkpoint, source, run_config={"game": "Breakout", "seed": 0, "device": "cpu"})
-    with pytest.raises(evaluate.EvaluationError, match="4 actions but Breakout's minimal action set has 6"):
-        evaluate.check_actions(checkpoint, source, env_actions=6)
+    agent_lib.check_checkpoint(checkpoint, source, run_config={"game": "Breakout", "seed": 0, "device": "cpu"})
+    with pytest.raises(agent_lib.CheckpointError, match="4 actions but Breakout's action set has 6"):
+        agent_lib.check_checkpoint(checkpoint, source, num_actions=6)
+    torch.save({"agent": {}}, source)
+    with pytest.raises(agent_lib.CheckpointError, match="not an iris checkpoint .*lacks config, game, num_actions"):
+        agent_lib.load_checkpoint(source)
 
 
 def _evaluate_write_eval(run_dir: Path, game: str, mean_return: float, name: str = "eval.json") -> Path:
@@ -1247,13 +1261,13 @@ def test_evaluate_aggregate_bad_run_dir(tmp_path):
 @pytest.fixture(scope="module")
 def evaluate_tiny_pong_run(tmp_path_factory):
     """A run directory as train.py leaves it: config.json and checkpoint.pt of a tiny Pong agent."""
-    config = train.IRISConfig()
-    for name, value in train.PRESETS["tiny"].items():
-        train.set_field(config, name, value)
+    config = agent_lib.IRISConfig()
+    for name, value in agent_lib.PRESETS["tiny"].items():
+        agent_lib.set_field(config, name, value)
     config.game, config.device = "Pong", "cpu"
     run_dir = tmp_path_factory.mktemp("evaluate_run")
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    train.Agent(config, num_actions=6, device="cpu").save(run_dir / "checkpoint.pt", epoch=0, env_steps=0)
+    agent_lib.Agent(config, num_actions=6, device="cpu").save(run_dir / "checkpoint.pt", epoch=0, env_steps=0)
     return run_dir
 
 
@@ -1301,7 +1315,7 @@ def test_evaluate_end_to_end_refuses_other_game_and_run(evaluate_tiny_pong_run, 
         evaluate.load_agent(tmp_path / "mismatch.pt", None, "cpu")
     checkpoint = torch.load(evaluate_tiny_pong_run / "checkpoint.pt", weights_only=False)
     torch.save({**checkpoint, "num_actions": 18}, tmp_path / "full_action_set.pt")
-    with pytest.raises(evaluate.EvaluationError, match="18 actions but Pong's minimal action set has 6"):
+    with pytest.raises(evaluate.EvaluationError, match="18 actions but Pong.s action set has 6"):
         evaluate.load_agent(tmp_path / "full_action_set.pt", None, "cpu")
     with pytest.raises(evaluate.EvaluationError, match="no checkpoint"):
         evaluate.load_agent(tmp_path / "missing", None, "cpu")
@@ -1348,7 +1362,7 @@ def _train_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_train_config_defaults_equal_the_paper():
-    c = train.IRISConfig()
+    c = agent_lib.IRISConfig()
     # Table 2 (encoder / decoder) and Table 3 (embedding table)
     assert c.tokenizer.resolution == 64 and c.tokenizer.ch == 64 and c.tokenizer.num_res_blocks == 2
     assert len(c.tokenizer.ch_mult) - 1 == 4 and c.tokenizer.attn_resolutions == (8, 16)
@@ -1388,7 +1402,7 @@ def test_train_cli_sets_any_field_and_rejects_bad_input():
     assert proc.returncode != 0 and "Pong" in proc.stderr and "closest valid games" in proc.stderr
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
-            train.pick_device("cuda")
+            agent_lib.pick_device("cuda")
 
 
 @pytest.fixture(scope="module")
@@ -1415,7 +1429,7 @@ def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     assert rows[2]["world_model/total"] == "" and rows[3]["world_model/total"] != ""
     assert rows[4]["actor_critic/total"] == "" and rows[5]["actor_critic/total"] != ""
     last = {k: float(v) for k, v in rows[-1].items() if v != ""}
-    losses = [k for k in last if k.split("/")[0] in train.COMPONENTS]
+    losses = [k for k in last if k.split("/")[0] in agent_lib.COMPONENTS]
     assert len(losses) > 10 and all(math.isfinite(last[k]) for k in losses)
     # Both models learn: their losses fall from the first epoch each trained to the last.
     assert float(rows[-1]["tokenizer/reconstruction"]) < float(rows[1]["tokenizer/reconstruction"])
@@ -1428,12 +1442,12 @@ def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
 
 def test_train_checkpoint_loads_into_a_fresh_agent_that_acts(train_tiny_run):
     run_dir, _ = train_tiny_run
-    agent = train.Agent.load(run_dir, device="cpu")
+    agent = agent_lib.Agent.load(run_dir, device="cpu")
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 6 and checkpoint["env_steps"] == 600 and checkpoint["game"] == "Pong"
-    assert set(checkpoint["optimizers"]) == set(train.COMPONENTS)
+    assert set(checkpoint["optimizers"]) == set(agent_lib.COMPONENTS)
     assert not any("vgg" in key or "perceptual" in key for key in checkpoint["agent"]["tokenizer"])
-    for name in train.COMPONENTS:  # the weights are the trained ones, not a fresh initialisation
+    for name in agent_lib.COMPONENTS:  # the weights are the trained ones, not a fresh initialisation
         for key, value in getattr(agent, name).state_dict().items():
             assert torch.equal(value, checkpoint["agent"][name][key]), key
     env = make_env("Pong", train=False, seed=0)
@@ -1483,11 +1497,34 @@ def test_train_resume_refuses_missing_or_corrupt_checkpoint(tmp_path):
         train.parse_args(["--resume", str(tmp_path), "--epochs", "3"])  # a resumed run keeps its config
 
 
-def _train_tiny_agent_and_pong_replay(steps: int = 48) -> tuple[train.Agent, ReplayBuffer]:
-    config = train.IRISConfig()
-    for name, value in train.PRESETS["tiny"].items():
-        train.set_field(config, name, value)
-    agent = train.Agent(config, num_actions=6, device="cpu").eval()
+def test_train_collection_burns_in_its_lstm_state_after_an_evaluation(tmp_path):
+    """As the reference collector: each collection call burns the LSTM state in over the last burn_in frames of
+    the current episode, so an evaluation in the middle of an episode leaves no blank or stale state."""
+    config = agent_lib.IRISConfig(out=str(tmp_path / "run"), eval_envs=1)
+    for name, value in agent_lib.PRESETS["tiny"].items():
+        agent_lib.set_field(config, name, value)
+    config.env.max_test_frames = 40  # a 10-step test episode: the evaluation is there to disturb the state
+    run = train.new_run(config)
+    agent, burn_in = run.agent, config.actor_critic.burn_in
+    train.collect_experience(run, 2 * burn_in)  # Pong ends no episode this early
+    train.evaluate_agent(run, num_episodes=1)
+    assert not run.first  # the training episode goes on after the evaluation
+    with torch.no_grad():
+        past = agent.tokenizer.encode_decode(run.replay.observations[-burn_in:][None])  # x̂ of the last frames
+        state = agent.actor_critic.burn_in(past, torch.ones(1, burn_in, dtype=torch.bool))
+        x_hat = agent.tokenizer.encode_decode(torch.as_tensor(run.obs).permute(2, 0, 1)[None])  # (1, 3, 64, 64)
+        expected, _, expected_state = agent.actor_critic(x_hat, state)
+        blank, _, _ = agent.actor_critic(x_hat, agent.actor_critic.initial_state(1))
+    assert (expected - blank).abs().max() > 1e-4  # a blank state would give another distribution
+    train.collect_experience(run, 1)  # acts with π(· | x̂_t) after the burn-in, then moves the state on
+    torch.testing.assert_close(agent.state, expected_state, rtol=0, atol=1e-6)
+
+
+def _train_tiny_agent_and_pong_replay(steps: int = 48) -> tuple[agent_lib.Agent, ReplayBuffer]:
+    config = agent_lib.IRISConfig()
+    for name, value in agent_lib.PRESETS["tiny"].items():
+        agent_lib.set_field(config, name, value)
+    agent = agent_lib.Agent(config, num_actions=6, device="cpu").eval()
     env, replay = make_env("Pong", train=True, seed=0), ReplayBuffer(chunk_size=32)
     obs, _ = env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -1503,8 +1540,9 @@ def test_train_encode_once_per_epoch_gives_the_same_tokens_and_losses():
     """The token cache (IRISConfig.cache_tokens) changes the speed, not the numbers."""
     agent, replay = _train_tiny_agent_and_pong_replay()
     cfg = agent.config
+    cfg.encode_batch_size = 7  # chunks of odd size on purpose
     run = train.Run(cfg, agent, train.make_optimizers(agent, cfg), replay, Path("unused"))
-    run.tokens = train.encode_dataset(agent.tokenizer, replay, batch_size=7)  # chunks of odd size on purpose
+    run.tokens = train.encode_dataset(run, epoch=cfg.epochs)
     assert run.tokens.shape == (len(replay), cfg.tokenizer.tokens_per_frame)
     assert torch.equal(run.tokens, agent.tokenizer.encode(replay.observations))
     torch.manual_seed(0)
@@ -1535,12 +1573,12 @@ def test_train_encode_once_per_epoch_gives_the_same_tokens_and_losses():
 # Fast paths (IRISConfig, Speed): each changes the time, not the algorithm; each is compared with the plain path.
 
 
-def _train_tiny_agents(**fast) -> tuple[train.Agent, train.Agent]:
+def _train_tiny_agents(**fast) -> tuple[agent_lib.Agent, agent_lib.Agent]:
     """A tiny agent with the fast paths off, and a copy with the same weights and the given fast-path fields."""
     plain, _ = _train_tiny_agent_and_pong_replay(steps=1)
     plain.config.fused_adam = False
     config = replace(plain.config, **fast)
-    other = train.Agent(config, num_actions=plain.num_actions, device="cpu").eval()
+    other = agent_lib.Agent(config, num_actions=plain.num_actions, device="cpu").eval()
     other.load_state_dict(plain.state_dict())
     return plain, other
 
@@ -1574,7 +1612,7 @@ def test_train_bf16_autocast_stays_close_to_fp32():
     assert (results["always"][-1] == results["never"][-1]).float().mean() > 0.9
     # A whole update of each component under autocast: finite losses, and weights that move.
     cfg.bf16 = "always"
-    run.tokens = train.encode_dataset(agent.tokenizer, replay, cfg.encode_batch_size)
+    run.tokens = train.encode_dataset(run, epoch=cfg.epochs)
     before = [p.detach().clone() for p in agent.parameters()]
     agent.train()
     metrics = {**train.train_steps(run, "tokenizer", lambda: agent.tokenizer.loss(frames)),
@@ -1628,7 +1666,7 @@ def test_train_reuse_freed_memory_stops_page_faults_of_large_tensors():
         torch.ones(2**24)  # 64 MiB, written in full, then freed
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    assert train.reuse_freed_memory()
+    assert agent_lib.reuse_freed_memory()
     faults = [faults_of_one_allocation() for _ in range(6)]  # the first ones grow the heap
     print(f"page faults of six 64 MiB allocations in a row: {faults}")
     # glibc's default: about 16,000 faults (one per 4 KiB page) every time. With the fix, once the heap has grown

@@ -1,0 +1,374 @@
+"""The IRIS agent and what every entry point shares: the config of Tables 2-6 (Appendix A), presets, the Agent
+(E, D, G, π, V of Sections 2.1-2.3) with act/save/load, checkpoint reading and validation, device choice, and the
+config fields as command-line flags.
+
+    agent = Agent.load("runs/Pong-.../checkpoint.pt")          # rebuild from a checkpoint alone
+    actions = agent.act(frames, first, temperature=0.5)          # frames (n, 64, 64, 3) uint8
+
+train.py runs Algorithm 1 with it; evaluate.py and play.py only need this file and the components below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import random
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from actor_critic import ActorCritic, ActorCriticConfig
+from env import EnvConfig
+from replay import atomic_save
+from tokenizer import Tokenizer, TokenizerConfig
+from world_model import WorldModel, WorldModelConfig
+
+
+@dataclass
+class IRISConfig:
+    """Every hyperparameter of the agent and of Algorithm 1. Defaults are the paper's (Tables 2-6)."""
+
+    game: str = "Pong"  # any Atari game of ale-py; the paper's 26 are env.ATARI_100K_GAMES
+    seed: int = 0  # seeds python, numpy, torch and the environments
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    out: str = ""  # run directory; empty: runs/<game>-<time>
+    # Training loop, Table 5
+    epochs: int = 600  # Epochs
+    collection_epochs: int = 500  # # Collection epochs
+    env_steps_per_epoch: int = 200  # Environment steps per epoch (600 x 200 - 100 x 200 = 100k steps)
+    training_steps_per_epoch: int = 200  # Training steps per epoch, for each component
+    collect_epsilon: float = 0.01  # Collection epsilon-greedy
+    collect_temperature: float = 1.0  # Collection samples from the policy as is (Appendix H)
+    eval_temperature: float = 0.5  # Eval sampling temperature
+    start_tokenizer_after_epochs: int = 5  # Start autoencoder after epochs
+    start_world_model_after_epochs: int = 25  # Start transformer after epochs
+    start_actor_critic_after_epochs: int = 50  # Start actor-critic after epochs
+    tokenizer_batch_size: int = 256  # Autoencoder batch size (frames)
+    world_model_batch_size: int = 64  # Transformer batch size (segments of L steps)
+    actor_critic_batch_size: int = 64  # Actor-critic batch size (imagined trajectories)
+    learning_rate: float = 1e-4  # Learning rate (Adam, all three components)
+    adam_beta1: float = 0.9  # Adam β1
+    adam_beta2: float = 0.999  # Adam β2
+    max_grad_norm: float = 10.0  # Max gradient norm
+    # Evaluation (Section 3.2): test episodes with no end on life loss, ε = 0
+    eval_every: int = 5  # epochs between evaluations during training (the reference code's value)
+    eval_episodes: int = 16  # episodes per evaluation during training (the reference code's value)
+    final_eval_episodes: int = 100  # Section 3.2: "an average over 100 episodes collected at the end of training"
+    eval_envs: int = 8  # test environments stepping in parallel
+    media_trajectories: int = 4  # imagined trajectories in the GIF of each evaluation
+    # Speed, with no change to the algorithm (bf16 changes rounding only); README "Speed" has the measurements
+    cache_tokens: bool = True  # E is frozen after its steps of the epoch: encode every stored frame once, reuse z
+    encode_batch_size: int = 1024  # frames per tokenizer call when encoding the dataset
+    bf16: str = "cuda"  # bf16 autocast of every forward pass: "cuda" (on GPUs only), "always" (CPUs too), "never"
+    fused_adam: bool = True  # Adam's fused kernel (CUDA and CPU): one pass over all parameters, same update
+    channels_last: bool = False  # NHWC layout for the convolutions of E, D and π/V (slower on this CPU: see README)
+    reuse_freed_memory: bool = True  # CPU: glibc malloc keeps freed pages of big tensors (see reuse_freed_memory)
+    # Components
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # Tables 2-3, Appendix A.1
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)  # Table 4, Appendix A.2
+    actor_critic: ActorCriticConfig = field(default_factory=ActorCriticConfig)  # Table 6, Appendix A.3
+    env: EnvConfig = field(default_factory=EnvConfig)  # Atari 100k protocol, Section 3.1
+
+
+# Presets in the minGPT manner: "paper" is the dataclass defaults; "tiny" shrinks models, batches, epochs and
+# delays so that all three phases run in minutes on a 2-core CPU. The code path is the same.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "tiny": {
+        "epochs": 10, "collection_epochs": 10, "env_steps_per_epoch": 100, "training_steps_per_epoch": 24,
+        "start_tokenizer_after_epochs": 1, "start_world_model_after_epochs": 3, "start_actor_critic_after_epochs": 5,
+        "tokenizer_batch_size": 32, "world_model_batch_size": 8, "actor_critic_batch_size": 8,
+        "learning_rate": 1e-3, "eval_every": 5, "eval_episodes": 2, "final_eval_episodes": 2, "eval_envs": 2,
+        "media_trajectories": 2,
+        # No perceptual term: it needs VGG16's ImageNet weights (a download) and dominates CPU time.
+        "tokenizer.ch": 16, "tokenizer.num_res_blocks": 1, "tokenizer.attn_resolutions": (),
+        "tokenizer.z_channels": 32, "tokenizer.vocab_size": 64, "tokenizer.embed_dim": 32,
+        "tokenizer.perceptual_weight": 0.0,
+        "world_model.max_timesteps": 4, "world_model.embed_dim": 64, "world_model.num_layers": 2,
+        "world_model.num_heads": 2,
+        "actor_critic.conv_channels": (8, 8, 16, 16), "actor_critic.lstm_dim": 64, "actor_critic.burn_in": 4,
+        "actor_critic.imagination_horizon": 4,
+    },
+}
+
+COMPONENTS = ("tokenizer", "world_model", "actor_critic")
+BF16_MODES = ("cuda", "always", "never")
+CHECKPOINT_KEYS = ("config", "game", "num_actions", "agent")  # what Agent.checkpoint_dict always writes
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked, with a message that says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The agent: the world model (E, D, G) and the policy π with its value V
+
+
+class Agent(torch.nn.Module):
+    """Tokenizer (E, D), world model G and actor-critic (π, V), with `act`, `save` and `load` for research code."""
+
+    def __init__(self, config: IRISConfig, num_actions: int, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config, self.num_actions = config, num_actions
+        self.tokenizer = Tokenizer(config.tokenizer)
+        tokens = dict(vocab_size=config.tokenizer.vocab_size, tokens_per_frame=config.tokenizer.tokens_per_frame)
+        self.world_model = WorldModel(config.world_model, num_actions=num_actions, **tokens)
+        self.actor_critic = ActorCritic(config.actor_critic, num_actions)
+        if config.bf16 not in BF16_MODES:
+            raise ValueError(f"bf16 must be one of {', '.join(BF16_MODES)}, got {config.bf16!r}")
+        self.to(device)
+        if config.channels_last:  # copies keep this layout: load_state_dict writes into these tensors
+            self.tokenizer.to(memory_format=torch.channels_last)
+            self.actor_critic.to(memory_format=torch.channels_last)
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # LSTM state (h, c) of the episodes being played
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for forward passes, where config.bf16 asks for it on this device; else a no-op."""
+        enabled = self.config.bf16 == "always" or (self.config.bf16 == "cuda" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, first: np.ndarray, temperature: float = 1.0, epsilon: float = 0.0) -> np.ndarray:
+        """Actions for n real environments. obs (n, 64, 64, 3) uint8; first (n,) True where an episode starts."""
+        frames = torch.as_tensor(obs, device=self.device).permute(0, 3, 1, 2)  # (n, 3, 64, 64)
+        first_t = torch.as_tensor(first, device=self.device, dtype=torch.bool)
+        if self.state is None or self.state[0].shape[0] != len(obs):
+            self.state = self.actor_critic.initial_state(len(obs), self.device)
+        self.state = self.actor_critic.reset_state(self.state, first_t)  # the LSTM state follows the episode
+        with self.autocast():
+            actions, self.state = self.actor_critic.act(frames, self.state, self.tokenizer, temperature, epsilon)
+        return actions.cpu().numpy()
+
+    @torch.no_grad()
+    def burn_in(self, frames: torch.Tensor, mask: torch.Tensor) -> None:
+        """Set the LSTM state from the real frames (n, T, 3, 64, 64) uint8 before the next act (Appendix A.3).
+
+        mask (n, T) is False on left padding. As the reference collector, the policy sees them reconstructed.
+        """
+        frames, mask = frames.to(self.device), mask.to(self.device)
+        if frames.shape[1] == 0:
+            self.state = self.actor_critic.initial_state(frames.shape[0], self.device)
+            return
+        with self.autocast():
+            self.state = self.actor_critic.burn_in(self.tokenizer.encode_decode(frames), mask)
+
+    def save(self, path: str | Path, **extra: Any) -> None:
+        """Atomically write the weights and the config they need (VGG is never saved: it is not ours to train)."""
+        atomic_save(self.checkpoint_dict(**extra), path)
+
+    def checkpoint_dict(self, **extra: Any) -> dict[str, Any]:
+        return {"config": asdict(self.config), "game": self.config.game, "num_actions": self.num_actions,
+                "agent": {name: getattr(self, name).state_dict() for name in COMPONENTS}, **extra}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> Agent:
+        """Rebuild an agent from a checkpoint alone (its stored config), e.g. `Agent.load("runs/x/checkpoint.pt")`."""
+        return cls.from_checkpoint(load_checkpoint(path), device)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], device: str | torch.device | None = None) -> Agent:
+        """The agent of a checkpoint dict already read (by load_checkpoint), in eval mode."""
+        agent = cls(config_from_dict(checkpoint["config"]), checkpoint["num_actions"], device or pick_device("auto"))
+        try:
+            for name in COMPONENTS:
+                getattr(agent, name).load_state_dict(checkpoint["agent"][name])
+        except (RuntimeError, KeyError) as error:
+            raise CheckpointError(f"the checkpoint's weights do not match its config ({error})") from error
+        return agent.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: one reader, one validator
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate an iris checkpoint: a run directory holding checkpoint.pt, or the .pt file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: give a run directory holding checkpoint.pt "
+                                "(written by train.py every epoch) or the path of a .pt checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({error}); "
+                              "delete it and resume from an earlier copy, or start a new run") from error
+    missing = [k for k in CHECKPOINT_KEYS if not (isinstance(checkpoint, dict) and k in checkpoint)]
+    if missing:
+        raise CheckpointError(f"{path} is not an iris checkpoint (it lacks {', '.join(missing)}); "
+                              "a checkpoint of the authors' code loads with --authors_checkpoint")
+    return checkpoint
+
+
+def check_checkpoint(checkpoint: dict[str, Any], source: Path, game: str | None = None,
+                     num_actions: int | None = None, run_config: dict[str, Any] | None = None) -> None:
+    """Refuse a checkpoint trained on another game than asked, with another action set, or of another run."""
+    trained_on = checkpoint["game"]
+    if game is not None and game.lower() != trained_on.lower():
+        raise CheckpointError(f"{source}: this checkpoint was trained on {trained_on}, not {game}; "
+                              f"pass a {game} checkpoint or drop --game")
+    if num_actions is not None and num_actions != checkpoint["num_actions"]:
+        raise CheckpointError(f"{source}: the agent has {checkpoint['num_actions']} actions but {trained_on}'s "
+                              f"action set has {num_actions}; it was trained with another env config")
+    if run_config is not None:
+        run_config = {k: v for k, v in run_config.items() if k not in RUN_SPECIFIC_KEYS}
+        differing = differing_keys(run_config, checkpoint["config"])
+        if differing:
+            raise CheckpointError(f"{source}: its config differs from its run's config.json in "
+                                  f"{', '.join(differing[:8])}; this checkpoint belongs to another run")
+
+
+RUN_SPECIFIC_KEYS = ("device", "out")  # config.json fields that may differ from the checkpoint's (--device on resume)
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys present in both nested dicts whose values differ (a tuple equals the list JSON made of it)."""
+    differing = []
+    for key in a.keys() & b.keys():
+        if isinstance(a[key], dict) and isinstance(b[key], dict):
+            differing += differing_keys(a[key], b[key], f"{prefix}{key}.")
+        elif a[key] != b[key] and not (isinstance(a[key], list | tuple) and list(a[key]) == list(b[key])):
+            differing.append(prefix + key)
+    return sorted(differing)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process: device, seeds, memory
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but this torch build sees no CUDA device; "
+                         "use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_process(config: IRISConfig, device: torch.device) -> None:
+    """Process-wide settings an entry point's main() applies once, before building an agent."""
+    if device.type == "cpu" and config.reuse_freed_memory:
+        reuse_freed_memory()
+
+
+def reuse_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for the next large tensor; True if it could (Linux with glibc).
+
+    By default glibc maps every block over 32 MiB afresh (one of D's activations on 64 frames is 64 MiB) and unmaps
+    it when freed, so each forward pass page-faults again on every 4 KiB: measured as 40% of D's time on this CPU.
+    No block is then mmap-ed and the heap is never trimmed: the process keeps its peak memory, and runs faster.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # another C library (musl) has no mallopt
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config fields as flags: --epochs 10, --tokenizer.vocab_size 64, --preset tiny
+
+
+def config_from_dict(values: dict[str, Any]) -> IRISConfig:
+    """Rebuild a config from `asdict` output (JSON turns tuples into lists: give them back their type)."""
+
+    def build(cls, data: dict[str, Any]):
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                value = build(f.default_factory, value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    return build(IRISConfig, values)
+
+
+def flat_fields(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{"tokenizer.vocab_size": value, ...} for every leaf field of a (nested) config dataclass."""
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def parse_value(text: str, default: Any) -> Any:
+    """Convert a flag's text to the type of the field's default, with an error that says what is allowed."""
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if isinstance(default, tuple):
+        items = [item for item in text.replace(" ", "").split(",") if item]
+        kind = type(default[0]) if default else int
+        return tuple(kind(item) for item in items)
+    return type(default)(text)
+
+
+def set_field(config: IRISConfig, name: str, value: Any) -> None:
+    owner = config
+    *path, leaf = name.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, leaf, value)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--preset and one flag per IRISConfig field, nested ones as --tokenizer.vocab_size; absent flags stay unset."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="paper (Tables 2-6) or tiny")
+    for name, default in flat_fields(IRISConfig()).items():
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+
+        def convert(text: str, default: Any = default) -> Any:
+            try:
+                return parse_value(text, default)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(f"expected a {type(default).__name__}: {error}") from error
+
+        parser.add_argument(f"--{name}", type=convert, default=argparse.SUPPRESS, metavar=type(default).__name__,
+                            help=f"default {shown}")
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line, {"tokenizer.vocab_size": 64, ...}."""
+    names = flat_fields(IRISConfig())
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def config_from_args(args: argparse.Namespace) -> IRISConfig:
+    """IRISConfig of the preset, then the flags given."""
+    config = IRISConfig()
+    for name, value in {**PRESETS[args.preset], **config_overrides(args)}.items():
+        set_field(config, name, value)
+    return config
