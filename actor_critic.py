@@ -19,6 +19,7 @@ from world_model import WorldModelEnv, sample
 FRAME_SHAPE = (3, 64, 64)  # (C, h, w): the 64x64x3 frames of Appendix A (Table 2)
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, lstm_dim)
+BOOTSTRAPS = ("paper", "reference")  # values of ActorCriticConfig.bootstrap
 
 
 @dataclass
@@ -30,6 +31,9 @@ class ActorCriticConfig:
     gamma: float = 0.995  # γ, Table 6
     lam: float = 0.95  # λ, Table 6
     entropy_weight: float = 0.001  # η, Table 6
+    # The authors' code, where it departs from the paper (README "Where this differs from the reference"):
+    bootstrap: str = "paper"  # "paper": Λ_H = V(x̂_H), H steps trained (Eq. 4); "reference": Λ_{H-1} = V(x̂_{H-1})
+    train_after_end: bool = False  # True: steps after an imagined end keep their weight, as in the authors' code
 
 
 class ActorCritic(nn.Module):
@@ -204,6 +208,11 @@ def alive_mask(ends: torch.Tensor) -> torch.Tensor:
 
 def actor_critic_loss(out: ImagineOutput, config: ActorCriticConfig) -> dict[str, torch.Tensor]:
     """Value loss, Eq. (5), and REINFORCE policy loss with entropy bonus, Eq. (6), on an imagined rollout."""
+    if config.bootstrap not in BOOTSTRAPS:
+        raise ValueError(f"actor_critic.bootstrap must be one of {', '.join(BOOTSTRAPS)}, got {config.bootstrap!r}")
+    if config.bootstrap == "reference":  # the authors' code: Λ_{H-1} = V(x̂_{H-1}); r̂_{H-1} and x̂_H go unused
+        out = ImagineOutput(out.actions[:, :-1], out.logits[:, :-1], out.values[:, :-1], out.rewards[:, :-1],
+                            out.ends[:, :-1], out.frames[:, :-1])
     batch_size, horizon = out.actions.shape
     values = out.values[:, :-1]  # V(x̂_t), t < H, (B, H)
     with torch.no_grad():
@@ -212,8 +221,8 @@ def actor_critic_loss(out: ImagineOutput, config: ActorCriticConfig) -> dict[str
         # The paper stops the episode at an imagined end: later steps carry no weight in Eqs. (5) and (6).
         # Differs from the paper: the sums over t of Eqs. (5) and (6) are divided by H (the reference code averages
         # over steps), so each loss is a mean over the B * H steps, the masked ones counting as zero.
-        # Differs from the reference code: it also trains on the steps after an imagined end.
-        weights = alive / (batch_size * horizon)  # (B, H)
+        # Differs from the reference code: it also trains on the steps after an imagined end (train_after_end).
+        weights = (torch.ones_like(alive) if config.train_after_end else alive) / (batch_size * horizon)  # (B, H)
         advantages = lambda_returns - values  # sg(Λ_t - V(x̂_t)), the baseline of Eq. (6)
 
     log_probs = out.logits.log_softmax(dim=-1)  # log π(· | x̂_≤t), (B, H, A)

@@ -971,6 +971,39 @@ def test_actor_critic_steps_after_imagined_end_have_zero_weight():
         torch.testing.assert_close(changed[key], losses[key])
 
 
+def test_actor_critic_reference_bootstrap_and_train_after_end_follow_the_authors_losses():
+    """bootstrap="reference", train_after_end=True: the authors' losses, written here as a plain loop.
+
+    Their recursion: Λ_{H-1} = V_{H-1}; Λ_t = r_t + γ(1 - d_t)[(1 - λ)V_{t+1} + λΛ_{t+1}]; losses on t < H - 1,
+    averaged over B(H - 1) steps, with no mask after an imagined end.
+    """
+    gamma, lam = 0.9, 0.8
+    rewards, values, ends = _ac_random_trajectories(batch_size=3, horizon=5, end_prob=0.3, seed=1)
+    assert ends[:, :-2].sum() > 0  # ends before the last trained step, so the mask would matter
+    batch_size, horizon = rewards.shape
+    returns = torch.zeros(batch_size, horizon - 1, dtype=torch.float64)
+    for b in range(batch_size):
+        last = values[b, horizon - 1].item()
+        for t in reversed(range(horizon - 1)):
+            keep = 1.0 - ends[b, t].item()
+            last = rewards[b, t].item() + gamma * keep * ((1 - lam) * values[b, t + 1].item() + lam * last)
+            returns[b, t] = last
+    logits = torch.randn(batch_size, horizon, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    actions = torch.randint(4, (batch_size, horizon), generator=torch.Generator().manual_seed(3))
+    log_probs = logits.log_softmax(-1).gather(-1, actions[..., None]).squeeze(-1)[:, :-1]  # (B, H - 1)
+    expected_value = (values[:, :horizon - 1] - returns).square().mean()
+    expected_policy = -(log_probs * (returns - values[:, :horizon - 1])).mean()
+    config = ActorCriticConfig(gamma=gamma, lam=lam, bootstrap="reference", train_after_end=True)
+    losses = actor_critic_loss(_ac_imagine_output(logits, values, rewards, ends, actions), config)
+    torch.testing.assert_close(losses["value"], expected_value)
+    torch.testing.assert_close(losses["policy"], expected_policy)
+    paper = actor_critic_loss(_ac_imagine_output(logits, values, rewards, ends, actions),
+                              ActorCriticConfig(gamma=gamma, lam=lam))
+    assert not torch.isclose(paper["value"], losses["value"])  # the two are different losses
+    with pytest.raises(ValueError, match="bootstrap must be one of paper, reference"):
+        actor_critic_loss(_ac_imagine_output(logits, values, rewards, ends, actions), ActorCriticConfig(bootstrap="x"))
+
+
 def test_actor_critic_loss_keys_and_backward():
     torch.manual_seed(0)
     out = _ac_imagine_output(
