@@ -32,9 +32,10 @@ class EnvConfig:
 
     frame_size: int = 64  # h = w = 64, Table 2
     frame_skip: int = 4  # each action repeated 4 frames, max over the last 2 (reference: env.frame_skip)
-    # Differs from the reference code: its test env takes exactly 1 no-op (env.test.noop_max = 1); here the
-    # test env, like the training env, takes 1 to 30, as in the usual Atari 100k evaluation protocol.
-    noop_max: int = 30  # 1 to 30 no-ops after a reset (reference: env.train.noop_max)
+    noop_max: int = 30  # 1 to 30 no-ops after a training env's reset (reference: env.train.noop_max)
+    # Differs from the reference code: its test env takes exactly 1 no-op (env.test.noop_max = 1, test_noop_max 1
+    # here); the default takes 1 to 30, as the usual Atari 100k evaluation protocol (Machado et al., 2018).
+    test_noop_max: int = 30  # 1 to test_noop_max no-ops after a test env's reset
     repeat_action_probability: float = 0.0  # no sticky actions (reference: NoFrameskip-v4 games)
     max_train_frames: int = 20_000  # 5,000 agent steps (reference: env.train.max_episode_steps)
     max_test_frames: int = 108_000  # 27,000 agent steps, 30 minutes of play (reference: env.test)
@@ -126,7 +127,7 @@ def make_env(game: str, train: bool = True, seed: int | None = None, config: Env
                    max_episode_steps=max_frames, disable_env_checker=True)
     # Differs from the reference code: it resizes each frame with PIL bilinear, then takes the max over the
     # last two 64x64 frames; AtariPreprocessing takes the max at full resolution, then resizes (cv2 INTER_AREA).
-    env = AtariPreprocessing(env, noop_max=config.noop_max, frame_skip=config.frame_skip,
+    env = AtariPreprocessing(env, noop_max=config.noop_max if train else config.test_noop_max, frame_skip=config.frame_skip,
                              screen_size=config.frame_size, terminal_on_life_loss=False, grayscale_obs=False)
     if train:
         env = EpisodicLife(env)

@@ -108,7 +108,7 @@ def test_env_test_env_does_not_end_on_life_loss():
 
 def test_env_episode_caps_count_frames():
     # No no-ops here, so a cap of 400 frames is exactly 100 agent steps of 4 frames.
-    config = EnvConfig(noop_max=0, max_train_frames=400, max_test_frames=200)
+    config = EnvConfig(noop_max=0, test_noop_max=0, max_train_frames=400, max_test_frames=200)
     for is_train, steps in ((True, 100), (False, 50)):
         env = make_env("Pong", train=is_train, seed=0, config=config)
         env.reset()
@@ -116,6 +116,17 @@ def test_env_episode_caps_count_frames():
             _, _, terminated, truncated, _ = env.step(0)
             assert not terminated and truncated == (t == steps)
     assert EnvConfig().max_train_frames == 20_000 and EnvConfig().max_test_frames == 108_000
+
+
+def test_env_test_noop_max_one_is_the_reference_test_protocol():
+    """test_noop_max = 1: every test game starts after exactly one no-op (the authors' env.test.noop_max = 1)."""
+    reference = EnvConfig(test_noop_max=1)
+    starts = {make_env("Pong", train=False, seed=s, config=reference).unwrapped.ale.getEpisodeFrameNumber()
+              for s in range(4)}
+    assert starts == {1}
+    ours = {make_env("Pong", train=False, seed=s).unwrapped.ale.getEpisodeFrameNumber() for s in range(4)}
+    assert len(ours) > 1 and all(1 <= n <= 30 for n in ours)  # 1 to 30 no-ops by default
+    assert make_env("Pong", train=True, seed=0, config=reference).unwrapped.ale.getEpisodeFrameNumber() > 1
 
 
 def _deterministic_policy(obs: np.ndarray) -> np.ndarray:
