@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision
 
 import evaluate
+import tokenizer as tokenizer_module
 import train
 from actor_critic import (ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns,
                           imagine)
@@ -415,7 +416,7 @@ def test_tokenizer_commitment_gradients_in_model(term, moved, frozen):
 
 def test_tokenizer_perceptual_random_vgg(vgg_tokenizer):
     net = vgg_tokenizer.perceptual_net()
-    x = torch.rand(2, 3, 32, 32)  # small images: VGG is the slow part of these tests
+    x = torch.rand(2, 3, 32, 32) * 2 - 1  # in [-1, 1]; small images: VGG is the slow part of these tests
     assert torch.allclose(net(x, x), torch.zeros(2), atol=1e-6)
     y = torch.rand(2, 3, 32, 32, requires_grad=True)
     distance = net(x, y)
@@ -436,6 +437,26 @@ def test_tokenizer_perceptual_random_vgg(vgg_tokenizer):
     state = vgg_tokenizer.state_dict()
     assert not any("perceptual" in k or "features" in k for k in state)
     Tokenizer(TokenizerConfig(**SMALL, perceptual_weight=0.0)).load_state_dict(state)  # strict: same keys
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # lpips calls vgg16(pretrained=False), deprecated in torchvision
+def test_tokenizer_perceptual_equals_lpips_package(vgg_tokenizer, monkeypatch):
+    import lpips  # the package whose linear-layer weights L_perceptual reads
+
+    reference = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()  # real lin0..lin4
+    net = vgg_tokenizer.perceptual_net()
+    # The same random VGG16 trunk in both: LPIPS's net.slice{s}.{i} is vgg16().features[i].
+    net.features.load_state_dict({key.split(".", 1)[1]: value for key, value in reference.net.state_dict().items()})
+    generator = torch.Generator().manual_seed(0)
+    x, y = (torch.rand(3, 3, 64, 64, generator=generator) * 2 - 1 for _ in range(2))  # frames in [-1, 1]
+    with torch.no_grad():
+        expected = reference(x, y).flatten()  # (B, 1, 1, 1) -> (B,)
+        assert torch.allclose(net(x, y), expected, rtol=0, atol=1e-5), (net(x, y), expected)
+    assert all((lin.weight >= 0).all() for lin in net.lins) and not net.training
+    # Without the lpips package, a message that says what to install (or how to train without the term).
+    monkeypatch.setattr(tokenizer_module, "LPIPS_WEIGHTS", "no-such-file.pth")
+    with pytest.raises(RuntimeError, match="pip install lpips.*perceptual_weight 0"):
+        PerceptualLoss(pretrained=False)
 
 
 def test_tokenizer_loss_keys(vgg_tokenizer):
