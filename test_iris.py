@@ -25,9 +25,11 @@ import torchvision
 
 import evaluate
 import agent as agent_lib
+import tokenizer as tokenizer_module
 import train
 from actor_critic import (ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns,
                           imagine)
+from authors_checkpoint import authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
 from env import ATARI_100K_GAMES, EnvConfig, canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
 from tokenizer import PerceptualLoss, Tokenizer, TokenizerConfig, commitment_losses
@@ -439,7 +441,7 @@ def test_tokenizer_commitment_gradients_in_model(term, moved, frozen):
 
 def test_tokenizer_perceptual_random_vgg(vgg_tokenizer):
     net = vgg_tokenizer.perceptual_net()
-    x = torch.rand(2, 3, 32, 32)  # small images: VGG is the slow part of these tests
+    x = torch.rand(2, 3, 32, 32) * 2 - 1  # in [-1, 1]; small images: VGG is the slow part of these tests
     assert torch.allclose(net(x, x), torch.zeros(2), atol=1e-6)
     y = torch.rand(2, 3, 32, 32, requires_grad=True)
     distance = net(x, y)
@@ -460,6 +462,26 @@ def test_tokenizer_perceptual_random_vgg(vgg_tokenizer):
     state = vgg_tokenizer.state_dict()
     assert not any("perceptual" in k or "features" in k for k in state)
     Tokenizer(TokenizerConfig(**SMALL, perceptual_weight=0.0)).load_state_dict(state)  # strict: same keys
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # lpips calls vgg16(pretrained=False), deprecated in torchvision
+def test_tokenizer_perceptual_equals_lpips_package(vgg_tokenizer, monkeypatch):
+    import lpips  # the package whose linear-layer weights L_perceptual reads
+
+    reference = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()  # real lin0..lin4
+    net = vgg_tokenizer.perceptual_net()
+    # The same random VGG16 trunk in both: LPIPS's net.slice{s}.{i} is vgg16().features[i].
+    net.features.load_state_dict({key.split(".", 1)[1]: value for key, value in reference.net.state_dict().items()})
+    generator = torch.Generator().manual_seed(0)
+    x, y = (torch.rand(3, 3, 64, 64, generator=generator) * 2 - 1 for _ in range(2))  # frames in [-1, 1]
+    with torch.no_grad():
+        expected = reference(x, y).flatten()  # (B, 1, 1, 1) -> (B,)
+        assert torch.allclose(net(x, y), expected, rtol=0, atol=1e-5), (net(x, y), expected)
+    assert all((lin.weight >= 0).all() for lin in net.lins) and not net.training
+    # Without the lpips package, a message that says what to install (or how to train without the term).
+    monkeypatch.setattr(tokenizer_module, "LPIPS_WEIGHTS", "no-such-file.pth")
+    with pytest.raises(RuntimeError, match="pip install lpips.*perceptual_weight 0"):
+        PerceptualLoss(pretrained=False)
 
 
 def test_tokenizer_loss_keys(vgg_tokenizer):
@@ -1716,3 +1738,227 @@ def test_train_reuse_freed_memory_stops_page_faults_of_large_tensors():
     # glibc's default: about 16,000 faults (one per 4 KiB page) every time. With the fix, once the heap has grown
     # (measured: after 2 or 3 allocations), each allocation lands in pages kept from the earlier ones.
     assert faults[-1] < 1000
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# authors_checkpoint.py: the authors' published agents (eloialonso/iris, one <Game>.pt per game)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authors_layout():
+    """Our three modules at the paper config with 6 actions (Pong), every parameter perturbed so that no two layers
+    of the same shape are equal (norms are all ones at init), and the same numbers in the authors' layout."""
+    torch.manual_seed(0)
+    modules = {"tokenizer": Tokenizer(TokenizerConfig(pretrained_vgg=False)),
+               "world_model": WorldModel(WorldModelConfig(), vocab_size=512, tokens_per_frame=16, num_actions=6),
+               "actor_critic": ActorCritic(ActorCriticConfig(), num_actions=6)}
+    with torch.no_grad():
+        for module in modules.values():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return {name: m.eval() for name, m in modules.items()}, authors_state_dict(
+        {name: m.state_dict() for name, m in modules.items()})
+
+
+def test_authors_checkpoint_layout_converts_and_loads(authors_layout):
+    modules, state_dict = authors_layout
+    # Names and shapes from the authors' repository (src/models/tokenizer/nets.py, lpips.py, transformer.py,
+    # world_model.py, slicer.py, actor_critic.py) at its config/*.yaml, A = 6.
+    shapes = {
+        "tokenizer.encoder.conv_in.weight": (64, 3, 3, 3), "tokenizer.encoder.down.0.block.1.norm2.weight": (64,),
+        "tokenizer.encoder.down.2.attn.1.q.weight": (64, 64, 1, 1),  # attention at 16x16 and 8x8: levels 2 and 3
+        "tokenizer.encoder.down.3.downsample.conv.weight": (64, 64, 3, 3), "tokenizer.encoder.conv_out.bias": (512,),
+        "tokenizer.decoder.up.3.attn.2.proj_out.weight": (64, 64, 1, 1),  # 3 blocks per level in D
+        "tokenizer.decoder.up.4.upsample.conv.weight": (64, 64, 3, 3), "tokenizer.embedding.weight": (512, 512),
+        "tokenizer.lpips.net.slice5.28.weight": (512, 512, 3, 3), "tokenizer.lpips.lin4.model.1.weight": (1, 512, 1, 1),
+        "tokenizer.lpips.scaling_layer.shift": (1, 3, 1, 1),
+        "world_model.embedder.embedding_tables.0.weight": (6, 256), "world_model.pos_emb.weight": (340, 256),
+        "world_model.transformer.blocks.9.attn.query.weight": (256, 256),
+        "world_model.transformer.blocks.9.attn.mask": (340, 340), "world_model.head_observations.indices": (320,),
+        "world_model.head_rewards.head_module.2.weight": (3, 256), "world_model.head_ends.indices": (20,),
+        "actor_critic.conv4.weight": (64, 64, 3, 3), "actor_critic.lstm.weight_ih": (2048, 1024),
+        "actor_critic.actor_linear.weight": (6, 512), "actor_critic.critic_linear.bias": (1,),
+    }
+    assert {key: tuple(state_dict[key].shape) for key in shapes} == shapes
+    assert not any(".down.4.downsample" in key or ".up.0.upsample" in key for key in state_dict)  # 4 levels, not 5
+    # Their heads read: the frame head every position but the last frame token of each block of 17 (index 15), the
+    # reward and end heads the action tokens (index 16); their attention masks are causal (config attention: causal).
+    assert state_dict["world_model.head_observations.indices"][:18].tolist() == [*range(15), 16, 17, 18]
+    assert state_dict["world_model.head_rewards.indices"][:3].tolist() == [16, 33, 50]
+    assert torch.equal(state_dict["world_model.head_ends.indices"], torch.arange(16, 340, 17))
+    assert torch.equal(state_dict["world_model.transformer.blocks.0.attn.mask"], torch.ones(340, 340).tril())
+    # The published Pong.pt is 126,508,385 bytes: these 624 tensors (126,269,588 bytes of float32 and int64) plus
+    # names and pickled metadata (torch.save of this dict writes 126,468,319 bytes; Breakout.pt, 4 actions, is
+    # 6,144 bytes smaller, as this dict with 4 actions).
+    assert len(state_dict) == 624
+    assert sum(t.numel() * t.element_size() for t in state_dict.values()) == 126_269_588
+
+    num_actions, converted = convert_authors_state_dict(state_dict)
+    assert num_actions == 6
+    for name, module in modules.items():
+        fresh = {"tokenizer": lambda: Tokenizer(TokenizerConfig()),
+                 "world_model": lambda: WorldModel(WorldModelConfig(), 512, 16, num_actions),
+                 "actor_critic": lambda: ActorCritic(ActorCriticConfig(), num_actions)}[name]()
+        fresh.load_state_dict(converted[name])  # strict: every key, every shape
+        for key, value in module.state_dict().items():
+            assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def authors_forward(sd: dict, frames: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The authors' networks written out with torch.nn.functional, from their state_dict's names alone (their
+    nets.py, transformer.py, world_model.py and actor_critic.py at the paper config): an independent check of which
+    of our layers each of their tensors is, the order of q, k, v included. frames (B, 3, 64, 64) in [0, 1]."""
+    def conv(name, h, stride=1, padding=1):
+        return F.conv2d(h, sd[f"{name}.weight"], sd[f"{name}.bias"], stride, padding)
+
+    def norm(name, h):
+        return F.group_norm(h, 32, sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-6)
+
+    def resnet_block(name, h):  # no shortcut conv: every level has 64 channels
+        out = conv(f"{name}.conv1", F.silu(norm(f"{name}.norm1", h)))
+        return h + conv(f"{name}.conv2", F.silu(norm(f"{name}.norm2", out)))
+
+    def attention_block(name, h):  # softmax over key positions of q.k / sqrt(C), then proj_out, residual
+        b, c, height, width = h.shape
+        q, k, v = (conv(f"{name}.{p}", norm(f"{name}.norm", h), padding=0).flatten(2) for p in "qkv")  # (B, C, hw)
+        weights = torch.softmax(q.transpose(1, 2) @ k / c**0.5, dim=-1)  # (B, hw of q, hw of k)
+        return h + conv(f"{name}.proj_out", (v @ weights.transpose(1, 2)).view(b, c, height, width), padding=0)
+
+    def blocks(prefix, h, count):
+        for i in range(count):
+            h = resnet_block(f"{prefix}.block.{i}", h)
+            h = attention_block(f"{prefix}.attn.{i}", h) if f"{prefix}.attn.{i}.q.weight" in sd else h
+        return h
+
+    def middle(prefix, h):
+        return resnet_block(f"{prefix}.mid.block_2", attention_block(f"{prefix}.mid.attn_1",
+                                                                     resnet_block(f"{prefix}.mid.block_1", h)))
+
+    h = conv("tokenizer.encoder.conv_in", frames * 2 - 1)
+    for level in range(5):
+        h = blocks(f"tokenizer.encoder.down.{level}", h, 2)
+        if level < 4:
+            h = conv(f"tokenizer.encoder.down.{level}.downsample.conv", F.pad(h, (0, 1, 0, 1)), stride=2, padding=0)
+    h = conv("tokenizer.encoder.conv_out", F.silu(norm("tokenizer.encoder.norm_out", middle("tokenizer.encoder", h))))
+    out = {"y": conv("tokenizer.pre_quant_conv", h, padding=0)}  # E(x), (B, 512, 4, 4)
+    h = conv("tokenizer.decoder.conv_in", conv("tokenizer.post_quant_conv", out["y"], padding=0))
+    h = middle("tokenizer.decoder", h)
+    for level in reversed(range(5)):
+        h = blocks(f"tokenizer.decoder.up.{level}", h, 3)
+        if level > 0:
+            h = conv(f"tokenizer.decoder.up.{level}.upsample.conv", F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    out["decoded"] = conv("tokenizer.decoder.conv_out", F.silu(norm("tokenizer.decoder.norm_out", h)))
+
+    B, T = tokens.shape  # interleaved z_0^1..z_0^16, a_0, ...
+    is_action = torch.arange(T) % 17 == 16
+    x = torch.empty(B, T, 256)
+    x[:, is_action] = F.embedding(tokens[:, is_action], sd["world_model.embedder.embedding_tables.0.weight"])
+    x[:, ~is_action] = F.embedding(tokens[:, ~is_action], sd["world_model.embedder.embedding_tables.1.weight"])
+    x = x + sd["world_model.pos_emb.weight"][:T]
+
+    def linear(name, h):
+        return F.linear(h, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    def layer_norm(name, h):
+        return F.layer_norm(h, (256,), sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    for i in range(10):
+        p = f"world_model.transformer.blocks.{i}"
+        h = layer_norm(f"{p}.ln1", x)
+        q, k, v = (linear(f"{p}.attn.{n}", h).view(B, T, 4, 64).transpose(1, 2) for n in ("query", "key", "value"))
+        att = (q @ k.transpose(-2, -1) / 8.0).masked_fill(sd[f"{p}.attn.mask"][:T, :T] == 0, float("-inf"))
+        x = x + linear(f"{p}.attn.proj", (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 256))
+        x = x + linear(f"{p}.mlp.2", F.gelu(linear(f"{p}.mlp.0", layer_norm(f"{p}.ln2", x))))
+    x = layer_norm("world_model.transformer.ln_f", x)
+    for head in ("head_observations", "head_rewards", "head_ends"):  # at every position, before their slicing
+        out[head] = linear(f"world_model.{head}.head_module.2", F.relu(linear(f"world_model.{head}.head_module.0", x)))
+
+    h = frames * 2 - 1
+    for i in range(1, 5):
+        h = F.relu(F.max_pool2d(conv(f"actor_critic.conv{i}", h), 2))
+    # LSTM cell from the zero state (h W_hh = 0)
+    gates = h.flatten(1) @ sd["actor_critic.lstm.weight_ih"].t() + sd["actor_critic.lstm.bias_ih"] + sd[
+        "actor_critic.lstm.bias_hh"]
+    i_gate, _, g_gate, o_gate = gates.chunk(4, dim=1)  # input, forget, cell, output (forget gate times c = 0)
+    h = torch.sigmoid(o_gate) * torch.tanh(torch.sigmoid(i_gate) * torch.tanh(g_gate))
+    out["policy_logits"] = linear("actor_critic.actor_linear", h)
+    out["values"] = linear("actor_critic.critic_linear", h)
+    return out
+
+
+def test_authors_checkpoint_gives_the_same_outputs(authors_layout, one_thread):
+    modules, state_dict = authors_layout
+    num_actions, converted = convert_authors_state_dict(state_dict)
+    loaded = {"tokenizer": Tokenizer(TokenizerConfig()), "world_model": WorldModel(WorldModelConfig(), 512, 16, 6),
+              "actor_critic": ActorCritic(ActorCriticConfig(), num_actions)}
+    for name, module in loaded.items():
+        module.load_state_dict(converted[name])
+        module.eval()
+    frames = random_frames(2)  # (B, 3, 64, 64) uint8
+    generator = torch.Generator().manual_seed(0)
+    tokens = interleave(torch.randint(0, 512, (2, 3, 16), generator=generator),
+                        torch.randint(0, 6, (2, 3), generator=generator))  # (B, 3 * 17)
+    with torch.no_grad():
+        outputs = []
+        for agent in (modules, loaded):  # the project agent, and the one loaded from the authors' layout
+            obs_tokens = agent["tokenizer"].encode(frames)
+            hidden = agent["world_model"](tokens)
+            logits, values, _ = agent["actor_critic"](frames / 255, agent["actor_critic"].initial_state(2))
+            outputs.append([obs_tokens, agent["world_model"].head_observations(hidden),
+                            agent["world_model"].head_rewards(hidden), agent["world_model"].head_ends(hidden), logits,
+                            values])
+        for ours, theirs in zip(*outputs):
+            assert torch.equal(ours, theirs)
+
+        # The authors' networks, run from their state_dict, compute what the converted modules compute.
+        reference = authors_forward(state_dict, frames / 255, tokens)
+        tokenizer = loaded["tokenizer"]
+        x = tokenizer._preprocess(frames)
+        close = dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tokenizer._encode_continuous(x), reference["y"], **close)
+        torch.testing.assert_close(tokenizer._decode_continuous(reference["y"]), reference["decoded"], **close)
+        hidden = loaded["world_model"](tokens)
+        for head in ("head_observations", "head_rewards", "head_ends"):
+            torch.testing.assert_close(getattr(loaded["world_model"], head)(hidden), reference[head], **close)
+        logits, values, _ = loaded["actor_critic"](frames / 255, loaded["actor_critic"].initial_state(2))
+        torch.testing.assert_close(logits, reference["policy_logits"], **close)
+        torch.testing.assert_close(values, reference["values"].squeeze(-1), **close)
+
+
+def test_authors_checkpoint_refuses_other_files(authors_layout, tmp_path):
+    modules, state_dict = authors_layout
+
+    def refused(candidate) -> str:
+        with pytest.raises(ValueError, match="Not one of the authors' IRIS checkpoints") as info:
+            convert_authors_state_dict(candidate)
+        message = str(info.value)
+        assert "actor_critic.actor_linear.weight of shape (A, 512)" in message  # says what was expected
+        return message
+
+    missing = {k: v for k, v in state_dict.items() if k != "world_model.transformer.blocks.3.attn.key.bias"}
+    assert "1 missing tensors ['world_model.transformer.blocks.3.attn.key.bias']" in refused(missing)
+    extra = {**state_dict, "world_model.transformer.blocks.10.ln1.weight": torch.ones(256)}  # 11 layers
+    assert "1 unexpected" in refused(extra)
+    four_actions = {**state_dict, "world_model.embedder.embedding_tables.0.weight": torch.zeros(4, 256)}
+    assert "embedding_tables.0.weight (4, 256) instead of (6, 256)" in refused(four_actions)
+    wide = {**state_dict, "world_model.pos_emb.weight": torch.zeros(340, 512)}
+    assert "pos_emb.weight (340, 512) instead of (340, 256)" in refused(wide)
+    block_causal = dict(state_dict)  # the authors' other attention option: a frame's tokens see each other
+    block_causal["world_model.transformer.blocks.0.attn.mask"] = torch.ones(340, 340).tril().index_fill(
+        1, torch.arange(16), 1.0)
+    assert "attn.mask is not the paper config's" in refused(block_causal)
+    no_head = {k: v for k, v in state_dict.items() if not k.startswith("actor_critic.")}
+    assert "no actor head" in refused(no_head)
+
+    # This project's own files: a checkpoint dict, and an agent's state_dict.
+    ours = {name: module.state_dict() for name, module in modules.items()}
+    project_checkpoint = {"config": {}, "game": "Pong", "num_actions": 6, "agent": ours}
+    assert "Agent.load(path)" in refused(project_checkpoint)
+    flat = {f"{name}.{key}": value for name, sd in ours.items() for key, value in sd.items()}
+    assert "this project's Agent" in refused(flat)
+    path = tmp_path / "Pong.pt"
+    torch.save(project_checkpoint, path)
+    with pytest.raises(ValueError, match="checkpoint of this project"):
+        load_authors_checkpoint(path)
+    assert "not a state_dict" in refused([1, 2, 3])

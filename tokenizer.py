@@ -5,6 +5,7 @@ reconstructions x̂ = D(E(x)). The CNNs follow the VQGAN encoder/decoder (taming
 authors' code uses, without the discriminator: a VQ-VAE with an extra perceptual loss.
 """
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ class TokenizerConfig:
     dropout: float = 0.0  # in residual blocks, reference code
     num_groups: int = 32  # GroupNorm groups, taming-transformers (smaller for tiny configs with few channels)
     perceptual_weight: float = 1.0  # weight of L_perceptual, equal weighting (Appendix A.1); 0 trains without it
-    pretrained_vgg: bool = True  # ImageNet VGG16 for L_perceptual; False = random weights, for tests only
+    pretrained_vgg: bool = True  # ImageNet VGG16 trunk of L_perceptual; False = random weights, for tests only
 
     @property
     def tokens_per_frame(self) -> int:
@@ -156,51 +157,81 @@ def build_decoder(config: TokenizerConfig) -> nn.Sequential:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Perceptual loss
+# Perceptual loss: LPIPS (Zhang et al., 2018) with the VGG16 trunk, as the reference code
 
 
 VGG16_STAGE_ENDS = (3, 8, 15, 22, 29)  # indices in vgg16().features of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 VGG16_WEIGHTS = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # VGG16 channels at the five stage ends, one linear layer each
+# LPIPS's ScalingLayer, (x - shift) / scale on x in [-1, 1]: torchvision's ImageNet mean (0.485, 0.456, 0.406) and
+# std (0.229, 0.224, 0.225) moved to [-1, 1] (shift = 2 mean - 1, scale = 2 std), as LPIPS writes them.
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+# Inside the lpips package (BSD-2); the same file (md5 d507d7349b931f0638a25a48a722f98a) the reference code downloads.
+LPIPS_WEIGHTS = os.path.join("weights", "v0.1", "vgg.pth")
 NORM_EPS = 1e-10  # LPIPS's epsilon when unit-normalising activations over channels
 
 
 class PerceptualLoss(nn.Module):
-    """L_perceptual (Appendix A.1), LPIPS-style distance on frozen VGG16 features.
+    """L_perceptual (Appendix A.1): the LPIPS distance on frozen VGG16 features, as the reference code.
 
-    Differs from the reference code: LPIPS's learned 1x1 linear layers (a separate download) are not used; channel
-    differences are summed with equal weights, as in the LPIPS paper's "baseline" VGG distance.
+    d(x, y) = sum_l mean_{h,w} w_l . (n(φ_l(x)) - n(φ_l(y)))^2, with φ_l the VGG16 activations at relu1_2, relu2_2,
+    relu3_3, relu4_3 and relu5_3, n the unit normalisation over channels and w_l >= 0 LPIPS's calibrated 1x1 linear
+    layers lin0..lin4.
+    The VGG16 trunk comes from torchvision; the linear layers from the lpips package (the file the reference code
+    downloads, byte for byte).
+    Differs from the reference code: always in eval mode. There LPIPS's dropout (p = 0.5) before the linear layers
+    is active while the tokenizer trains (the trainer puts the whole agent in train mode); here it is left out.
     """
 
     def __init__(self, pretrained: bool) -> None:
         super().__init__()
+        lpips_path = lpips_weights_path()  # before VGG16, to fail fast
         weights = VGG16_WEIGHTS if pretrained else None
         try:
             vgg = torchvision.models.vgg16(weights=weights)
         except Exception as err:  # offline: URLError; partial or corrupt file: RuntimeError
             raise RuntimeError(missing_vgg_message()) from err
-        self.features = vgg.features[: VGG16_STAGE_ENDS[-1] + 1].requires_grad_(False).eval()
-        transform = VGG16_WEIGHTS.transforms()  # ImageNet statistics VGG16 was trained with (LPIPS's ScalingLayer)
-        self.register_buffer("mean", torch.tensor(transform.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(transform.std).view(1, -1, 1, 1), persistent=False)
-        self.eval()
+        self.features = vgg.features[: VGG16_STAGE_ENDS[-1] + 1]
+        self.lins = nn.ModuleList(nn.Conv2d(channels, 1, 1, bias=False) for channels in LPIPS_CHANNELS)
+        lpips_state = torch.load(lpips_path, map_location="cpu", weights_only=True)  # lin{l}.model.1.weight
+        self.lins.load_state_dict({f"{i}.weight": lpips_state[f"lin{i}.model.1.weight"] for i in range(len(self.lins))})
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, -1, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> "PerceptualLoss":
         return super().train(False)  # always in eval mode
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """x, y: (B, 3, H, W) in [0, 1]. Returns the distance per image, (B,)."""
-        h = (torch.cat([x, y]) - self.mean) / self.std  # one pass for both, (2B, 3, H, W)
+        """x, y: (B, 3, H, W) in [-1, 1]. Returns the distance per image, (B,)."""
+        h = (torch.cat([x, y]) - self.shift) / self.scale  # one pass for both, (2B, 3, H, W)
         distance = x.new_zeros(x.shape[0])
+        stage = 0
         for index, layer in enumerate(self.features):
             h = layer(h)
             if index in VGG16_STAGE_ENDS:
-                h_x, h_y = unit_normalize(h).chunk(2)
-                distance = distance + (h_x - h_y).pow(2).sum(dim=1).mean(dim=(1, 2))  # sum channels, mean space
+                h_x, h_y = unit_normalize(h).chunk(2)  # each (B, C, h, w)
+                distance = distance + self.lins[stage]((h_x - h_y).pow(2)).mean(dim=(1, 2, 3))  # w_l . diff, mean space
+                stage += 1
         return distance
 
 
 def unit_normalize(h: Tensor) -> Tensor:
     return h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + NORM_EPS)
+
+
+def lpips_weights_path() -> str:
+    """LPIPS's linear-layer weights for VGG16, in the installed lpips package (found, not imported: no side effects)."""
+    spec = importlib.util.find_spec("lpips")
+    path = None if spec is None or spec.origin is None else os.path.join(os.path.dirname(spec.origin), LPIPS_WEIGHTS)
+    if path is None or not os.path.isfile(path):
+        raise RuntimeError(
+            f"The tokenizer's perceptual loss (LPIPS) needs the linear-layer weights {LPIPS_WEIGHTS} of the lpips "
+            f"package, which is not installed: `pip install lpips`, or train without the perceptual term with "
+            f"`--tokenizer.perceptual_weight 0` (TokenizerConfig(perceptual_weight=0.0))."
+        )
+    return path
 
 
 def missing_vgg_message() -> str:
@@ -267,7 +298,7 @@ class Tokenizer(nn.Module):
         losses["codebook"], losses["commitment"] = commitment_losses(y, z_q)  # Appendix A.1, terms 2 and 3
         total = losses["reconstruction"] + losses["codebook"] + losses["commitment"]
         if self.config.perceptual_weight > 0:
-            distance = self.perceptual_net()(postprocess(x), postprocess(reconstruction))  # (B,)
+            distance = self.perceptual_net()(x, reconstruction)  # (B,), both in [-1, 1] as the reference code
             losses["perceptual"] = distance.mean()  # Appendix A.1, term 4
             total = total + self.config.perceptual_weight * losses["perceptual"]
         else:
@@ -281,7 +312,7 @@ class Tokenizer(nn.Module):
         if self._perceptual is None:
             object.__setattr__(self, "_perceptual", PerceptualLoss(self.config.pretrained_vgg))
         device = self.embedding.weight.device
-        if self._perceptual.mean.device != device:
+        if self._perceptual.shift.device != device:
             self._perceptual.to(device)
         return self._perceptual
 
