@@ -4,6 +4,7 @@ stratified bootstrap confidence intervals (Agarwal et al., 2021).
 
     python evaluate.py RUN_DIR_OR_CHECKPOINT [--episodes 100] [--envs 8] [--temperature 0.5] [--seed S] [--record]
     python evaluate.py --aggregate RUN_DIR_OR_EVAL_JSON... [--out aggregate.json]
+    python evaluate.py --authors_checkpoint Pong.pt [--game Pong] [--episodes 100]   # the authors' published agent
 
 One run. The first form loads `RUN_DIR/checkpoint.pt` (or the checkpoint file given), plays the test env of
 env.py (no episode end on life loss, ε = 0, episodes capped at 108,000 frames) with the agent sampling at
@@ -274,12 +275,17 @@ def resolve_checkpoint(path: Path) -> Path:
     return checkpoint
 
 
-def load_agent(path: Path, game: str | None, device: str):
-    """(agent, checkpoint dict, game) after refusing a checkpoint that does not fit the game or its run."""
+def load_agent(path: Path, game: str | None, device: str, authors: bool = False):
+    """(agent, checkpoint dict, game) after refusing a checkpoint that does not fit the game or its run.
+
+    authors=True: path is one of the authors' published <Game>.pt files (agent.AUTHORS_CHECKPOINT_URL).
+    """
     # Imported here so that --aggregate and the metric functions need neither torch nor ALE.
     from agent import Agent, check_checkpoint, load_checkpoint, pick_device
     from env import canonical_game, make_env
 
+    if authors:
+        return load_authors_agent(path, game, device)
     checkpoint_path = resolve_checkpoint(path)
     config_file = checkpoint_path.parent / "config.json"
     run_config = json.loads(config_file.read_text()) if config_file.is_file() else None
@@ -293,6 +299,27 @@ def load_agent(path: Path, game: str | None, device: str):
         agent = Agent.from_checkpoint(checkpoint, torch_device)  # the checkpoint is read once
     except (FileNotFoundError, RuntimeError, ValueError) as error:  # CheckpointError is a ValueError
         raise EvaluationError(str(error)) from error
+    return agent, checkpoint, game
+
+
+def load_authors_agent(path: Path, game: str | None, device: str):
+    """The agent of one of the authors' <Game>.pt files; the game is --game, or else the file's name."""
+    from agent import Agent, check_checkpoint, pick_device
+    from env import canonical_game, make_env
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such file; download one of the authors' agents, e.g. "
+                              f"curl -LO https://huggingface.co/eloialonso/iris/resolve/main/pretrained_models/Pong.pt")
+    try:
+        game = canonical_game(game or path.stem)
+        agent = Agent.from_authors_checkpoint(path, game, pick_device(device))
+        checkpoint = {"game": game, "num_actions": agent.num_actions}
+        env = make_env(game, train=False)
+        check_checkpoint(checkpoint, path, game, int(env.action_space.n))
+        env.close()
+    except (RuntimeError, ValueError) as error:  # a file that is not theirs, another game's action set
+        raise EvaluationError(f"{path}: {error}") from error
     return agent, checkpoint, game
 
 
@@ -406,7 +433,7 @@ def format_result(result: dict) -> str:
 def evaluate_checkpoint(path: Path, config: EvalConfig, game: str | None = None, device: str = "auto",
                         record: bool = False, out: Path | None = None, progress: bool = True,
                         episodes: int | None = None, envs: int | None = None,
-                        temperature: float | None = None) -> dict:
+                        temperature: float | None = None, authors: bool = False) -> dict:
     """Play test episodes with a checkpoint's agent; write eval.json (or out) and return it.
 
     episodes, envs and temperature default to the agent's final_eval_episodes, eval_envs and eval_temperature.
@@ -417,7 +444,7 @@ def evaluate_checkpoint(path: Path, config: EvalConfig, game: str | None = None,
 
     from agent import setup_process
 
-    agent, checkpoint, game = load_agent(path, game, device)
+    agent, checkpoint, game = load_agent(path, game, device, authors)
     setup_process(agent.config, agent.device)
     episodes = episodes or agent.config.final_eval_episodes
     temperature = agent.config.eval_temperature if temperature is None else temperature
@@ -436,9 +463,10 @@ def evaluate_checkpoint(path: Path, config: EvalConfig, game: str | None = None,
     returns = run_episodes(game, policy, episodes, num_envs=num_envs, seed=config.seed, train=False,
                            config=env_config, progress=progress, on_step=None if recorder is None else recorder.on_step)
     result = summarize_returns(game, returns, config, temperature)
-    result.update(checkpoint=str(resolve_checkpoint(path)), max_frames=env_config.max_test_frames,
+    checkpoint_path = Path(path) if authors else resolve_checkpoint(path)
+    result.update(checkpoint=str(checkpoint_path), max_frames=env_config.max_test_frames,
                   epoch=checkpoint.get("epoch"), env_steps=checkpoint.get("env_steps"), video=None)
-    out = out or resolve_checkpoint(path).parent / "eval.json"
+    out = out or checkpoint_path.with_name("eval.json" if not authors else f"{checkpoint_path.stem}_eval.json")
     if recorder is not None and recorder.best_frames:
         video = out.with_name(f"best_episode.{config.record_format}")
         result["video"] = str(save_video(recorder.best_frames, agent.tokenizer, video, config))
@@ -454,7 +482,9 @@ def evaluate_checkpoint(path: Path, config: EvalConfig, game: str | None = None,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = EvalConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    parser.add_argument("paths", nargs="*", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    parser.add_argument("--authors_checkpoint", type=Path, metavar="GAME.pt",
+                        help="evaluate one of the authors' published agents (README: The authors' agents)")
     parser.add_argument("--aggregate", action="store_true", help="aggregate many runs (games x seeds)")
     parser.add_argument("--episodes", type=int, help="test episodes (default: the agent's final_eval_episodes, 100)")
     parser.add_argument("--envs", type=int, help="parallel test environments (default: the agent's eval_envs)")
@@ -467,6 +497,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=defaults.bootstrap_reps, help="bootstrap replicates")
     parser.add_argument("--out", type=Path, help="JSON output (default RUN_DIR/eval.json; --aggregate: none)")
     args = parser.parse_args(argv)
+    if args.authors_checkpoint is not None:
+        if args.paths or args.aggregate:
+            parser.error("--authors_checkpoint evaluates one file: give no run directory and no --aggregate")
+        args.paths = [args.authors_checkpoint]
+    elif not args.paths:
+        parser.error("give a run directory or checkpoint, --authors_checkpoint GAME.pt, or --aggregate RUNS...")
     if not args.aggregate and len(args.paths) > 1:
         parser.error("give one run directory or checkpoint, or --aggregate for many")
     for name in ("episodes", "envs", "reps"):
@@ -489,7 +525,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"wrote {args.out}")
             return
         result = evaluate_checkpoint(args.paths[0], config, args.game, args.device, args.record, args.out,
-                                     episodes=args.episodes, envs=args.envs, temperature=args.temperature)
+                                     episodes=args.episodes, envs=args.envs, temperature=args.temperature,
+                                     authors=args.authors_checkpoint is not None)
     except EvaluationError as error:
         sys.exit(f"evaluate.py: error: {error}")
     print(format_result(result))

@@ -29,7 +29,7 @@ import tokenizer as tokenizer_module
 import train
 from actor_critic import (ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns,
                           imagine)
-from authors_checkpoint import authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
+from agent import authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
 from env import ATARI_100K_GAMES, EnvConfig, canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
 from tokenizer import PerceptualLoss, Tokenizer, TokenizerConfig, commitment_losses
@@ -1741,7 +1741,7 @@ def test_train_reuse_freed_memory_stops_page_faults_of_large_tensors():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# authors_checkpoint.py: the authors' published agents (eloialonso/iris, one <Game>.pt per game)
+# agent.py: the authors' published agents (eloialonso/iris, one <Game>.pt per game)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -1962,3 +1962,24 @@ def test_authors_checkpoint_refuses_other_files(authors_layout, tmp_path):
     with pytest.raises(ValueError, match="checkpoint of this project"):
         load_authors_checkpoint(path)
     assert "not a state_dict" in refused([1, 2, 3])
+
+
+def test_authors_checkpoint_loads_as_an_agent_for_evaluate(authors_layout, tmp_path):
+    """Agent.from_authors_checkpoint and evaluate.py's --authors_checkpoint read the file, the game and A from it."""
+    modules, state_dict = authors_layout
+    path = tmp_path / "Pong.pt"
+    torch.save(state_dict, path)
+    agent, checkpoint, game = evaluate.load_agent(path, None, "cpu", authors=True)  # the game from the file name
+    assert game == "Pong" and agent.config.game == "Pong" and agent.num_actions == checkpoint["num_actions"] == 6
+    assert not agent.training and agent.config == agent_lib.IRISConfig(game="Pong")  # the paper config
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(getattr(agent, name).state_dict()[key], value), (name, key)
+    breakout = tmp_path / "Breakout.pt"  # Pong's 6 actions where Breakout has 4
+    path.rename(breakout)
+    with pytest.raises(evaluate.EvaluationError, match="6 actions but Breakout's action set has 4"):
+        evaluate.load_agent(breakout, None, "cpu", authors=True)
+    torch.save({"config": {}, "game": "Pong", "num_actions": 6, "agent": {}}, path)
+    proc = _evaluate_cli("--authors_checkpoint", str(path), "--episodes", "1")
+    assert proc.returncode != 0 and "checkpoint of this project" in proc.stderr and "Agent.load" in proc.stderr
+
