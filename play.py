@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,11 @@ from world_model import WorldModelEnv
 SCALE = 5  # each 64x64 frame is drawn 5 times larger
 PANEL = 64 * SCALE  # 320 pixels: one square panel per frame
 BORDER = 8  # Figure 4's coloured boxes, in pixels
-TEXT_HEIGHT = 160  # status line, probability bars, key lines
-WIDTH, HEIGHT = 2 * PANEL, PANEL + TEXT_HEIGHT  # (640, 480): even sides, as MP4 wants
-BAR_TOP, BAR_HEIGHT = PANEL + 30, 50  # π's bars, under the status line
-FONT, FONT_SCALE, LINE_HEIGHT = cv2.FONT_HERSHEY_SIMPLEX, 0.42, 17
+TEXT_HEIGHT = 176  # a status line, π's bars, then up to 5 lines of keys
+WIDTH, HEIGHT = 2 * PANEL, PANEL + TEXT_HEIGHT  # (640, 496): even sides, as MP4 wants
+BAR_TOP, BAR_HEIGHT = PANEL + 28, 40  # π's bars, under the status line
+LINES_TOP, LINE_HEIGHT, LINE_CHARS = PANEL + 98, 17, 100  # the key lines, wrapped at 100 characters
+FONT, FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.42
 WHITE, GREY, DARK, BAR = (255, 255, 255), (150, 150, 150), (40, 40, 40), (90, 160, 255)
 YELLOW, RED = (255, 215, 0), (220, 0, 0)  # Figure 4: predicted positive reward, predicted end
 FPS = 15  # agent steps per second: real time for Atari at frame skip 4 (60 / 4)
@@ -252,7 +254,8 @@ class Dream:
 
 
 def put_text(image: np.ndarray, text: str, x: int, y: int, color=WHITE, scale: float = FONT_SCALE) -> None:
-    cv2.putText(image, text, (x, y), FONT, scale, (0, 0, 0), 3, cv2.LINE_AA)  # dark outline: readable on any frame
+    (width, height), below = cv2.getTextSize(text, FONT, scale, 1)
+    image[max(y - height - 2, 0):y + below, x - 2:x + width + 2] = 0  # a black box: readable on any frame
     cv2.putText(image, text, (x, y), FONT, scale, color, 1, cv2.LINE_AA)
 
 
@@ -262,9 +265,10 @@ class Screen:
     def __init__(self, mode: str, game: str, meanings: list[str], keys: str = "") -> None:
         short = {"UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R", "FIRE": "F"}  # 18 labels must fit 640 pixels
         self.labels = [m if len(meanings) <= 8 else re.sub("|".join(short), lambda x: short[x[0]], m) for m in meanings]
-        self.mode, self.game, self.lines = mode, game, ([f"keys: {keys}"] if keys else []) + [CONTROLS]
-        self.captions = (("real frame x_t", "agent's view D(E(x_t))") if mode == "watch"
-                         else ("real frame x_0 of the dream", "imagined frame"))
+        self.mode, self.game = mode, game
+        self.lines = textwrap.wrap(f"keys: {keys}", LINE_CHARS) + [CONTROLS] if keys else [CONTROLS]
+        self.captions = (("real frame", "agent's view D(E(x))") if mode == "watch"
+                         else ("real frame the dream started from", "imagined frame"))
 
     def draw(self, view: View, temperature: float, speed: float) -> np.ndarray:
         """(HEIGHT, WIDTH, 3) uint8 RGB."""
@@ -287,7 +291,7 @@ class Screen:
             cv2.rectangle(image, (x + 2, top), (x + cell - 3, BAR_TOP + BAR_HEIGHT), BAR, -1)
             put_text(image, label, x + 2, BAR_TOP + BAR_HEIGHT + 13, GREY, 0.32)
         for i, line in enumerate(self.lines):
-            put_text(image, line, 6, BAR_TOP + BAR_HEIGHT + 18 + (i + 1) * LINE_HEIGHT, GREY)
+            put_text(image, line, 6, LINES_TOP + i * LINE_HEIGHT, GREY)
         return image
 
 
@@ -322,7 +326,7 @@ def run_window(player: Watch | Dream, screen: Screen, fps: float, mapping: dict[
                  pygame.K_SPACE: "FIRE"}
     speed_keys = {pygame.K_LEFTBRACKET: -1, pygame.K_RIGHTBRACKET: 1}
     temperature_keys = {pygame.K_MINUS: -1, pygame.K_EQUALS: 1}
-    pygame.init()
+    pygame.display.init()  # not pygame.init(): no audio device is needed (or opened)
     try:
         window = pygame.display.set_mode((WIDTH, HEIGHT))
     except pygame.error as error:

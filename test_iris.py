@@ -4,6 +4,7 @@ Real Atari games from ale-py, real files on disk, tiny configs on the CPU; nothi
 mocked. GPU-only tests are skipped without CUDA.
 """
 
+import collections
 import csv
 import json
 import math
@@ -1740,22 +1741,28 @@ def test_play_keys_follow_ale_action_meanings():
         play.key_mapping(["NOOP", "FIRE", "JUMP"], "Mygame")
 
 
-def test_play_window_runs_a_few_frames_and_quits_on_q(evaluate_tiny_pong_run, monkeypatch, one_thread):
+@pytest.mark.parametrize("mode", ["watch", "human"])
+def test_play_window_runs_a_few_frames_and_quits_on_q(evaluate_tiny_pong_run, monkeypatch, one_thread, mode):
     import pygame
 
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
-    agent = _play_agent(evaluate_tiny_pong_run)
-    player = play.make_player(agent, "watch", evaluate_tiny_pong_run, seed=0, temperature=0.5, horizon=4)
-    advance, steps = player.advance, []
+    pong = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
+    mapping = play.key_mapping(pong) if mode == "human" else None
+    agent = _play_agent(evaluate_tiny_pong_run, ends=False)
+    player = play.make_player(agent, "watch" if mode == "watch" else "dream", evaluate_tiny_pong_run, seed=0,
+                              temperature=0.5, horizon=100)
+    advance, actions = player.advance, []
 
     def advance_then_press_q(action=None):
-        steps.append(advance(action))
-        if len(steps) == 3:  # as if the user pressed Q now
+        actions.append(advance(action))
+        if len(actions) == 3:  # as if the user pressed Q now
             pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=pygame.K_q, mod=0, unicode="q", scancode=0))
 
     monkeypatch.setattr(player, "advance", advance_then_press_q)
-    screen = play.Screen("watch", "Pong", ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"])
-    assert play.run_window(player, screen, fps=60) == 3 and player.steps == 3
+    held = {pygame.K_RIGHT: True, pygame.K_SPACE: True}  # the human holds Right and Space down
+    monkeypatch.setattr(pygame.key, "get_pressed", lambda: collections.defaultdict(bool, held))
+    assert play.run_window(player, play.Screen(mode, "Pong", pong), fps=60, mapping=mapping) == 3
+    assert player.steps == 3 and (mode == "watch" or actions == [pong.index("RIGHTFIRE")] * 3)
 
 
 def test_play_dream_frames_equal_world_model_env_with_same_actions_and_seed(evaluate_tiny_pong_run, one_thread):
