@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 
-from agent import Agent, load_checkpoint, pick_device, setup_process
+from agent import Agent, check_checkpoint, load_checkpoint, pick_device, setup_process
 from env import NOOP, make_env
 from evaluate import write_video
 from replay import ReplayBuffer
@@ -367,6 +367,7 @@ def make_player(agent: Agent, mode: str, run_dir: Path, seed: int, temperature: 
     policy = Policy(agent, temperature, seed)
     if mode == "watch":
         return Watch(agent, agent.config.game, policy, seed)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent  # a checkpoint file: its replay.pt is beside it
     return Dream(agent, StartFrames(agent, agent.config.game, run_dir, seed), policy, horizon)
 
 
@@ -391,8 +392,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.record is None and not has_display():
         parser.error("no display available (DISPLAY and WAYLAND_DISPLAY are unset) to open a window; record a "
                      f"video headless instead: python play.py {args.run_dir} --record play.mp4 --steps 300")
-    if args.steps < 1 or args.fps <= 0 or (args.temperature or 0) < 0:
-        parser.error("--steps must be at least 1, --fps above 0 and --temperature at least 0")
+    if min(args.steps, 1 if args.horizon is None else args.horizon) < 1 or args.fps <= 0 or (args.temperature or 0) < 0:
+        parser.error("--steps and --horizon must be at least 1, --fps above 0 and --temperature at least 0")
     return args
 
 
@@ -406,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         env = make_env(agent.config.game, train=False)
         meanings = env.unwrapped.get_action_meanings()
         env.close()
+        check_checkpoint(checkpoint, args.run_dir, num_actions=len(meanings))  # its action set is this game's
         mapping = key_mapping(meanings, agent.config.game) if args.human else None
         temperature = agent.config.eval_temperature if args.temperature is None else args.temperature
         horizon = args.horizon or agent.config.actor_critic.imagination_horizon
