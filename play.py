@@ -130,6 +130,8 @@ class Policy:
         return torch.softmax(self.logits / self.temperature, dim=-1)  # (A,)
 
     def sample(self) -> int:
+        # Differs from Agent.act (Gumbel-max on torch's stream): the same distribution, drawn from our own generator,
+        # so that a dream's frames depend only on its actions and the seed (test_play_dream_frames_equal_...).
         return int(torch.multinomial(self.probs(), 1, generator=self.generator))
 
 
