@@ -4,6 +4,7 @@ Real Atari games from ale-py, real files on disk, tiny configs on the CPU; nothi
 mocked. GPU-only tests are skipped without CUDA.
 """
 
+import collections
 import csv
 import json
 import math
@@ -25,6 +26,7 @@ import torchvision
 
 import evaluate
 import agent as agent_lib
+import play
 import tokenizer as tokenizer_module
 import train
 from actor_critic import (ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns,
@@ -1983,3 +1985,153 @@ def test_authors_checkpoint_loads_as_an_agent_for_evaluate(authors_layout, tmp_p
     proc = _evaluate_cli("--authors_checkpoint", str(path), "--episodes", "1")
     assert proc.returncode != 0 and "checkpoint of this project" in proc.stderr and "Agent.load" in proc.stderr
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# play.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _play_agent(run_dir: Path, ends: bool | None = None) -> agent_lib.Agent:
+    """The tiny untrained Pong agent of a run directory; ends True or False: G predicts d̂ = 1 always, or never."""
+    agent = agent_lib.Agent.from_checkpoint(agent_lib.load_checkpoint(run_dir), "cpu")
+    if ends is not None:
+        with torch.no_grad():  # the logits of (no end, end) become (∓20, ±20) whatever the input
+            agent.world_model.head_ends[-1].weight.zero_()
+            agent.world_model.head_ends[-1].bias.copy_(torch.tensor([-20.0, 20.0] if ends else [20.0, -20.0]))
+    return agent
+
+
+def _video_frames(path: Path) -> list[tuple[int, ...]]:
+    """The shape (H, W, 3) of every frame of a GIF (Pillow) or an MP4 (OpenCV), decoded from the file."""
+    if path.suffix == ".gif":
+        from PIL import Image, ImageSequence
+
+        with Image.open(path) as gif:
+            return [np.asarray(frame.convert("RGB")).shape for frame in ImageSequence.Iterator(gif)]
+    import cv2
+
+    capture, shapes = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return shapes
+        shapes.append(frame.shape)
+
+
+@pytest.mark.parametrize("mode,suffix", [("watch", ".gif"), ("watch", ".mp4"), ("dream", ".gif"), ("dream", ".mp4")])
+def test_play_records_each_mode_headless(evaluate_tiny_pong_run, tmp_path, monkeypatch, one_thread, mode, suffix):
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"):  # no display at all: the recording needs none
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / f"{mode}{suffix}"
+    play.main([str(evaluate_tiny_pong_run), "--record", str(out), "--steps", "5", "--device", "cpu"]
+              + (["--dream", "--horizon", "3"] if mode == "dream" else []))
+    assert _video_frames(out) == [(play.HEIGHT, play.WIDTH, 3)] * 5
+
+
+def test_play_keys_follow_ale_action_meanings():
+    for game in ("Pong", "Breakout"):
+        env = make_env(game)
+        meanings = env.unwrapped.get_action_meanings()
+        env.close()
+        mapping = play.key_mapping(meanings, game)
+        for action, meaning in enumerate(meanings):  # each action's own keys give it back
+            pressed = {d for d in play.DIRECTIONS if d in meaning}
+            assert play.action_for(pressed, mapping) == action, (game, meaning)
+        assert play.action_for(set(), mapping) == meanings.index("NOOP")
+    assert meanings == ["NOOP", "FIRE", "RIGHT", "LEFT"]  # Breakout: no RIGHTFIRE, so Right + Space moves
+    assert play.action_for({"RIGHT", "FIRE"}, mapping) == 2 and play.action_for({"UP"}, mapping) == 0
+    pong = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
+    assert play.mapping_text(play.key_mapping(pong), pong) == (
+        "Space=FIRE  Right=RIGHT  Left=LEFT  Right+Space=RIGHTFIRE  Left+Space=LEFTFIRE")
+    import gymnasium as gym
+
+    full = gym.make("ALE/Pong-v5", full_action_space=True).unwrapped.get_action_meanings()
+    assert len(set(play.key_mapping(full).values())) == 18  # all 18 ALE actions have keys of their own
+    with pytest.raises(play.PlayError, match="no keys for Mygame's actions JUMP"):
+        play.key_mapping(["NOOP", "FIRE", "JUMP"], "Mygame")
+
+
+@pytest.mark.parametrize("mode", ["watch", "human"])
+def test_play_window_runs_a_few_frames_and_quits_on_q(evaluate_tiny_pong_run, monkeypatch, one_thread, mode):
+    import pygame
+
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    pong = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
+    mapping = play.key_mapping(pong) if mode == "human" else None
+    agent = _play_agent(evaluate_tiny_pong_run, ends=False)
+    player = play.make_player(agent, "watch" if mode == "watch" else "dream", evaluate_tiny_pong_run, seed=0,
+                              temperature=0.5, horizon=100)
+    advance, actions = player.advance, []
+
+    def advance_then_press_q(action=None):
+        actions.append(advance(action))
+        if len(actions) == 3:  # as if the user pressed Q now
+            pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=pygame.K_q, mod=0, unicode="q", scancode=0))
+
+    monkeypatch.setattr(player, "advance", advance_then_press_q)
+    held = {pygame.K_RIGHT: True, pygame.K_SPACE: True}  # the human holds Right and Space down
+    monkeypatch.setattr(pygame.key, "get_pressed", lambda: collections.defaultdict(bool, held))
+    assert play.run_window(player, play.Screen(mode, "Pong", pong), fps=60, mapping=mapping) == 3
+    assert player.steps == 3 and (mode == "watch" or actions == [pong.index("RIGHTFIRE")] * 3)
+
+
+def test_play_dream_frames_equal_world_model_env_with_same_actions_and_seed(evaluate_tiny_pong_run, one_thread):
+    agent = _play_agent(evaluate_tiny_pong_run, ends=False)
+    dream = play.make_player(agent, "dream", evaluate_tiny_pong_run, seed=3, temperature=1.0, horizon=100)
+    frames, actions, rewards = [dream.view().seen], [], []
+    for _ in range(6):  # past the tiny G's context of 4 steps: the cache is refilled on the way
+        actions.append(dream.advance())
+        frames.append(dream.view().seen)
+        rewards.append(dream.reward)
+    torch.manual_seed(3)
+    wm_env = WorldModelEnv(agent.tokenizer, agent.world_model)
+    expected, expected_rewards = [play.to_image(wm_env.reset(dream.start))], []
+    for action in actions:
+        reward, end, frame = wm_env.step(torch.tensor([action]))
+        expected.append(play.to_image(frame))
+        expected_rewards.append(float(reward[0]))
+        assert not end.any()
+    assert len(set(actions)) > 1  # the policy's own draws chose them
+    assert all(np.array_equal(a, b) for a, b in zip(frames, expected)) and rewards == expected_rewards
+
+
+def test_play_dream_starts_over_after_an_end_or_the_horizon(evaluate_tiny_pong_run, one_thread):
+    agent = _play_agent(evaluate_tiny_pong_run, ends=True)
+    dream = play.make_player(agent, "dream", evaluate_tiny_pong_run, seed=0, temperature=1.0, horizon=100)
+    assert dream.advance(action=1) == 1 and dream.view().end  # d̂ = 1: the frame gets Figure 4's red box
+    image = play.Screen("dream", "Pong", ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]).draw(
+        dream.view(), 1.0, 15)
+    assert tuple(image[0, play.PANEL]) == play.RED and tuple(image[0, 0]) == play.DARK
+    assert dream.advance() is None and dream.steps == 0 and not dream.end  # a new dream from a new real frame
+    agent = _play_agent(evaluate_tiny_pong_run, ends=False)
+    dream = play.make_player(agent, "dream", evaluate_tiny_pong_run, seed=0, temperature=1.0, horizon=2)
+    assert [dream.advance() is None for _ in range(4)] == [False, False, True, False]
+
+
+def test_play_dream_starts_from_the_runs_replay_frames(evaluate_tiny_pong_run, tmp_path, one_thread):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes((evaluate_tiny_pong_run / "checkpoint.pt").read_bytes())
+    frames, replay = pong_frames(6, every=2), ReplayBuffer()
+    for t, frame in enumerate(frames):
+        replay.add(frame, action=0, reward=0.0, terminated=t == len(frames) - 1)
+    replay.save(run_dir / "replay.pt")
+    dream = play.make_player(_play_agent(run_dir), "dream", run_dir, seed=0, temperature=1.0, horizon=1)
+    assert dream.starts.env is None  # no real env: every x_0 is a stored frame
+    for _ in range(3):
+        assert any(torch.equal(dream.start[0], frame) for frame in frames)
+        dream.advance()
+        dream.advance()  # past the horizon of one step: a new x_0
+
+
+def test_play_errors_say_what_to_do(evaluate_tiny_pong_run, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="no checkpoint at .*checkpoint.pt"):
+        play.main([str(tmp_path), "--record", str(tmp_path / "x.gif")])
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit):
+        play.main([str(evaluate_tiny_pong_run)])
+    assert "no display available" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        play.main([str(evaluate_tiny_pong_run), "--human", "--record", str(tmp_path / "x.mp4")])
+    assert "--human needs you at the keyboard" in capsys.readouterr().err
