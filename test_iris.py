@@ -480,6 +480,11 @@ def test_tokenizer_perceptual_equals_lpips_package(vgg_tokenizer, monkeypatch):
         expected = reference(x, y).flatten()  # (B, 1, 1, 1) -> (B,)
         assert torch.allclose(net(x, y), expected, rtol=0, atol=1e-5), (net(x, y), expected)
     assert all((lin.weight >= 0).all() for lin in net.lins) and not net.training
+    # perceptual_dropout = 0.5, the reference's LPIPS in train mode: noisy distances of the same expectation.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        noisy = torch.stack([net(x, y, dropout=0.5) for _ in range(200)])  # (200, B)
+    assert noisy.std(0).min() > 0 and torch.allclose(noisy.mean(0), expected, rtol=0.05)
     # Without the lpips package, a message that says what to install (or how to train without the term).
     monkeypatch.setattr(tokenizer_module, "LPIPS_WEIGHTS", "no-such-file.pth")
     with pytest.raises(RuntimeError, match="pip install lpips.*perceptual_weight 0"):

@@ -30,6 +30,7 @@ class TokenizerConfig:
     dropout: float = 0.0  # in residual blocks, reference code
     num_groups: int = 32  # GroupNorm groups, taming-transformers (smaller for tiny configs with few channels)
     perceptual_weight: float = 1.0  # weight of L_perceptual, equal weighting (Appendix A.1); 0 trains without it
+    perceptual_dropout: float = 0.0  # LPIPS's dropout before lin0..lin4 while E, D train; 0.5 as the reference code
     pretrained_vgg: bool = True  # ImageNet VGG16 trunk of L_perceptual; False = random weights, for tests only
 
     @property
@@ -181,7 +182,8 @@ class PerceptualLoss(nn.Module):
     The VGG16 trunk comes from torchvision; the linear layers from the lpips package (the file the reference code
     downloads, byte for byte).
     Differs from the reference code: always in eval mode. There LPIPS's dropout (p = 0.5) before the linear layers
-    is active while the tokenizer trains (the trainer puts the whole agent in train mode); here it is left out.
+    is active while the tokenizer trains (the trainer puts the whole agent in train mode); here it is left out
+    unless TokenizerConfig.perceptual_dropout asks for it (the same expected distance, with noise).
     """
 
     def __init__(self, pretrained: bool) -> None:
@@ -203,8 +205,8 @@ class PerceptualLoss(nn.Module):
     def train(self, mode: bool = True) -> "PerceptualLoss":
         return super().train(False)  # always in eval mode
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """x, y: (B, 3, H, W) in [-1, 1]. Returns the distance per image, (B,)."""
+    def forward(self, x: Tensor, y: Tensor, dropout: float = 0.0) -> Tensor:
+        """x, y: (B, 3, H, W) in [-1, 1]. Returns the distance per image, (B,). dropout: LPIPS's, before each lin."""
         h = (torch.cat([x, y]) - self.shift) / self.scale  # one pass for both, (2B, 3, H, W)
         distance = x.new_zeros(x.shape[0])
         stage = 0
@@ -212,7 +214,8 @@ class PerceptualLoss(nn.Module):
             h = layer(h)
             if index in VGG16_STAGE_ENDS:
                 h_x, h_y = unit_normalize(h).chunk(2)  # each (B, C, h, w)
-                distance = distance + self.lins[stage]((h_x - h_y).pow(2)).mean(dim=(1, 2, 3))  # w_l . diff, mean space
+                diff = F.dropout((h_x - h_y).pow(2), p=dropout, training=dropout > 0)  # (B, C, h, w)
+                distance = distance + self.lins[stage](diff).mean(dim=(1, 2, 3))  # w_l . diff, mean over space
                 stage += 1
         return distance
 
@@ -298,7 +301,8 @@ class Tokenizer(nn.Module):
         losses["codebook"], losses["commitment"] = commitment_losses(y, z_q)  # Appendix A.1, terms 2 and 3
         total = losses["reconstruction"] + losses["codebook"] + losses["commitment"]
         if self.config.perceptual_weight > 0:
-            distance = self.perceptual_net()(x, reconstruction)  # (B,), both in [-1, 1] as the reference code
+            dropout = self.config.perceptual_dropout if self.training else 0.0
+            distance = self.perceptual_net()(x, reconstruction, dropout)  # (B,), both in [-1, 1] as the reference
             losses["perceptual"] = distance.mean()  # Appendix A.1, term 4
             total = total + self.config.perceptual_weight * losses["perceptual"]
         else:
