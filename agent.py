@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
+from PIL import Image
 
 from actor_critic import ActorCritic, ActorCriticConfig
 from env import EnvConfig
@@ -405,6 +407,27 @@ def config_from_args(args: argparse.Namespace) -> IRISConfig:
         set_field(config, name, value)
     return config
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Media: one video writer for train.py's GIFs, evaluate.py's best episode and play.py's recordings
+
+
+def write_video(video: np.ndarray, path: Path, fps: float) -> Path:
+    """Frames (T, H, W, 3) uint8 RGB as an MP4 (OpenCV) or a GIF (Pillow), chosen by the file's extension."""
+    path = Path(path)
+    if path.suffix.lower() == ".mp4":
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, video.shape[2:0:-1])
+        if not writer.isOpened():
+            raise OSError(f"OpenCV cannot write an MP4 at {path}; write a .gif instead")
+        for image in video:
+            writer.write(np.ascontiguousarray(image[..., ::-1]))  # OpenCV wants BGR
+        writer.release()
+    elif path.suffix.lower() == ".gif":
+        images = [Image.fromarray(image) for image in video]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    else:
+        raise ValueError(f"{path}: a video is written as .mp4 or .gif, not {path.suffix or 'a file with no extension'}")
+    return path
 
 # ---------------------------------------------------------------------------------------------------------------
 # The authors' published agents (eloialonso/iris, README "Pretrained models"): one `<Game>.pt` per game of Table 1,

@@ -361,6 +361,8 @@ def save_video(frames: list[np.ndarray], tokenizer, path: Path, config: EvalConf
     """
     import torch
 
+    from agent import write_video
+
     device = next(tokenizer.parameters()).device
     real = np.stack(frames)  # (T, 64, 64, 3) uint8
     views = []
@@ -372,28 +374,6 @@ def save_video(frames: list[np.ndarray], tokenizer, path: Path, config: EvalConf
     video = np.concatenate([real, np.concatenate(views)], axis=2)  # (T, 64, 128, 3)
     video = video.repeat(config.record_scale, axis=1).repeat(config.record_scale, axis=2)
     return write_video(video, path, config.record_fps)
-
-
-def write_video(video: np.ndarray, path: Path, fps: float) -> Path:
-    """Frames (T, H, W, 3) uint8 RGB as an MP4 (OpenCV) or a GIF (Pillow), chosen by the file's extension."""
-    path = Path(path)
-    if path.suffix.lower() == ".mp4":
-        import cv2
-
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, video.shape[2:0:-1])
-        if not writer.isOpened():
-            raise OSError(f"OpenCV cannot write an MP4 at {path}; write a .gif instead")
-        for image in video:
-            writer.write(np.ascontiguousarray(image[..., ::-1]))  # OpenCV wants BGR
-        writer.release()
-    elif path.suffix.lower() == ".gif":
-        from PIL import Image
-
-        images = [Image.fromarray(image) for image in video]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    else:
-        raise ValueError(f"{path}: a video is written as .mp4 or .gif, not {path.suffix or 'a file with no extension'}")
-    return path
 
 
 def summarize_returns(game: str, returns: list[float], config: EvalConfig, temperature: float,

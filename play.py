@@ -27,9 +27,8 @@ import cv2
 import numpy as np
 import torch
 
-from agent import Agent, check_checkpoint, load_checkpoint, pick_device, setup_process
+from agent import Agent, check_checkpoint, load_checkpoint, pick_device, setup_process, write_video
 from env import NOOP, make_env
-from evaluate import write_video
 from replay import ReplayBuffer
 from world_model import WorldModelEnv
 

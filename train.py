@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from actor_critic import actor_critic_loss, imagine
 from agent import (COMPONENTS, Agent, IRISConfig, add_config_flags, config_from_args, config_overrides,
-                   config_from_dict, load_checkpoint, pick_device, set_seed, setup_process)
+                   config_from_dict, load_checkpoint, pick_device, set_seed, setup_process, write_video)
 from env import canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
 from world_model import WorldModelEnv
@@ -263,7 +263,6 @@ def evaluate_agent(run: Run, num_episodes: int) -> dict[str, Any]:
 def save_media(run: Run, epoch: int) -> None:
     """A PNG of real frames above their reconstructions, and a GIF of imagined trajectories (Figure 4 style)."""
     import torchvision.utils
-    from PIL import Image
 
     agent, n = run.agent, run.config.media_trajectories
     agent.eval()
@@ -285,9 +284,7 @@ def save_media(run: Run, epoch: int) -> None:
     padded = border[..., None, None].expand(-1, -1, -1, size, size).clone()  # (n, H + 1, 3, 68, 68)
     padded[..., b:size - b, b:size - b] = frames
     rows = padded.permute(1, 3, 0, 4, 2).reshape(frames.shape[1], size, n * size, 3)  # (H + 1, 68, n * 68, 3)
-    images = [Image.fromarray(image) for image in rows.cpu().numpy()]
-    images[0].save(media / f"imagination_epoch{epoch:04d}.gif", save_all=True, append_images=images[1:],
-                   duration=MEDIA_GIF_MS, loop=0)
+    write_video(rows.cpu().numpy(), media / f"imagination_epoch{epoch:04d}.gif", fps=1000 / MEDIA_GIF_MS)
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
