@@ -374,7 +374,9 @@ def make_player(agent: Agent, mode: str, run_dir: Path, seed: int, temperature: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory holding checkpoint.pt")
+    parser.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR", help="a run directory with checkpoint.pt")
+    parser.add_argument("--authors_checkpoint", type=Path, metavar="GAME.pt", help="one of the authors' agents")
+    parser.add_argument("--game", help="with --authors_checkpoint: its game (default: the file's name)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--dream", action="store_true", help="the agent acts inside its world model")
     group.add_argument("--human", action="store_true", help="you act inside the world model")
@@ -386,6 +388,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="env, policy and world-model draws")
     parser.add_argument("--device", default="auto", help="auto: cuda, then mps, then cpu")
     args = parser.parse_args(argv)
+    if (args.run_dir is None) == (args.authors_checkpoint is None):
+        parser.error("give a run directory, or --authors_checkpoint GAME.pt (one of the two)")
+    if args.run_dir is None:
+        args.run_dir = args.authors_checkpoint
     if args.record is not None and args.human:
         parser.error("--human needs you at the keyboard; record the agent instead (drop --human, or use --dream)")
     if args.record is not None and args.record.suffix.lower() not in (".mp4", ".gif"):
@@ -402,8 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     mode = "human" if args.human else "dream" if args.dream else "watch"
     try:
-        checkpoint = load_checkpoint(args.run_dir)  # says what to do when there is no checkpoint
-        agent = Agent.from_checkpoint(checkpoint, pick_device(args.device))
+        if args.authors_checkpoint is not None:
+            agent = Agent.from_authors_checkpoint(args.authors_checkpoint, args.game, pick_device(args.device))
+            checkpoint = {"game": agent.config.game, "num_actions": agent.num_actions}
+        else:
+            checkpoint = load_checkpoint(args.run_dir)  # says what to do when there is no checkpoint
+            agent = Agent.from_checkpoint(checkpoint, pick_device(args.device))
         setup_process(agent.config, agent.device)
         env = make_env(agent.config.game, train=False)
         meanings = env.unwrapped.get_action_meanings()

@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.nn as nn
@@ -1982,6 +1983,9 @@ def test_authors_checkpoint_loads_as_an_agent_for_evaluate(authors_layout, tmp_p
     for name, module in modules.items():
         for key, value in module.state_dict().items():
             assert torch.equal(getattr(agent, name).state_dict()[key], value), (name, key)
+    video = tmp_path / "authors.gif"
+    play.main(["--authors_checkpoint", str(path), "--record", str(video), "--steps", "2"])  # play.py watches it too
+    assert PIL.Image.open(video).n_frames == 2
     breakout = tmp_path / "Breakout.pt"  # Pong's 6 actions where Breakout has 4
     path.rename(breakout)
     with pytest.raises(evaluate.EvaluationError, match="6 actions but Breakout's action set has 4"):
