@@ -53,7 +53,7 @@ ADAM_BETAS = (0.9, 0.999)  # Adam β1, β2, Table 5
 # TokenizerConfig and WorldModelConfig. perceptual_weight 0: VGG16's ImageNet weights cannot be downloaded here.
 TOKENIZER_SMALL = dict(ch=16, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=32,
                        vocab_size=512, embed_dim=32, num_groups=8, perceptual_weight=0.0)
-WORLD_MODEL_SMALL = dict(max_timesteps=8, embed_dim=128, num_layers=3, num_heads=4)
+WORLD_MODEL_SMALL = dict(max_timesteps=8, embed_dim=64, num_layers=2, num_heads=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -169,13 +169,14 @@ def train_tokenizer(args: argparse.Namespace) -> None:
     table = Table(columns, out / "tokenizer_metrics.csv")
     start = time.time()
     for step in range(args.steps + 1):
-        if step % args.eval_every == 0 or step == args.steps:
+        last = step == args.steps or time.time() - start > args.minutes * 60
+        if step % args.eval_every == 0 or last:
             table.row({"step": step, "minutes": (time.time() - start) / 60, "loss": losses["total"].item() if step
                        else float("nan"), **tokenizer_metrics(tokenizer, eval_frames, median)})
-        if step == args.steps:
+        if last:
             break
         if args.restart_every and step % args.restart_every == 0 and step:
-            restarted = tokenizer.restart_unused_codes(train.sample_frames(RESTART_FRAMES))
+            tokenizer.restart_unused_codes(train.sample_frames(RESTART_FRAMES))
         losses = tokenizer.loss(train.sample_frames(args.batch))
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -289,10 +290,11 @@ def train_world_model(args: argparse.Namespace) -> None:
     table = Table(columns, out / "world_model_metrics.csv")
     start = time.time()
     for step in range(args.steps + 1):
-        if step % args.eval_every == 0 or step == args.steps:
+        last = step == args.steps or time.time() - start > args.minutes * 60
+        if step % args.eval_every == 0 or last:
             table.row({"step": step, "minutes": (time.time() - start) / 60, "loss": losses["total"].item() if step
                        else float("nan"), **world_model_metrics(model, heldout_data)})
-        if step == args.steps:
+        if last:
             break
         batch = segment_batch(train, tokens["train"], args.batch, config.max_timesteps)
         losses = model.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["ends"], batch["mask"])
@@ -357,7 +359,7 @@ class Table:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["tokenizer", "world_model"], help="stage 1 or 2 (stage 2 needs stage 1)")
+    parser.add_argument("stage", choices=sorted(STAGES), help="stage 1 or 2 (stage 2 needs stage 1's outputs)")
     parser.add_argument("--game", default=GAME)
     parser.add_argument("--out", default="runs/learn", help="data, checkpoints, pictures and metrics")
     parser.add_argument("--seed", type=int, default=0)
@@ -366,6 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_every", type=int, default=None, help="steps between held-out measurements")
     parser.add_argument("--batch", type=int, default=None, help="frames (stage 1) or segments (stage 2) per step")
     parser.add_argument("--lr", type=float, default=None, help="Adam(W) learning rate")
+    parser.add_argument("--minutes", type=float, default=float("inf"), help="stop training after this wall time")
     tok = parser.add_argument_group("stage 1: tokenizer")
     tok.add_argument("--restart_every", type=int, default=RESTART_EVERY, help="dead-code restarts; 0: none (paper)")
     for name in ("ch", "z_channels", "vocab_size", "embed_dim"):
@@ -384,7 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 STAGE_DEFAULTS = {
     "tokenizer": {"steps": 1_000, "eval_every": 100, "batch": 16, "lr": 1e-3},
-    "world_model": {"steps": 3_000, "eval_every": 250, "batch": 32, "lr": 1e-3},
+    "world_model": {"steps": 3_000, "eval_every": 200, "batch": 16, "lr": 1e-3},
 }
 
 
@@ -392,10 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    if args.stage == "tokenizer":
-        train_tokenizer(args)
-    else:
-        train_world_model(args)
+    STAGES[args.stage](args)
+
+
+STAGES = {"tokenizer": train_tokenizer, "world_model": train_world_model}  # stage 3, "loop", goes here
 
 
 if __name__ == "__main__":
