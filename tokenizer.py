@@ -280,10 +280,12 @@ class Tokenizer(nn.Module):
     def restart_unused_codes(self, frames: Tensor) -> int:
         """Move every code that no frame of the batch uses onto the encoder output y^k of a random token of the batch.
 
-        Differs from the paper and the reference code, which have no restarts: without the perceptual loss (and in
-        small configs) the codebook collapses within tens of steps to one code per token position, the same for
-        every frame, and never recovers. Random restarts of dead codes (Dhariwal et al., 2020, Jukebox) put codes
-        back where the encoder outputs are. Off unless a training loop calls it. Returns the number of codes moved.
+        Differs from the paper and the reference code, which have no restarts: without the perceptual loss, in small
+        configs on Pong, the codebook collapses within tens of steps to one code per token position, the same for
+        every frame, and had not recovered after hundreds of steps (learn.py). Random restarts of dead codes
+        (Dhariwal et al., 2020, Jukebox) put codes back where the encoder outputs are; called every 5 steps they keep
+        hundreds of codes in use, but on their own they did not make D use them within 1,350 steps. Off unless a
+        training loop calls it (train.py does not). Returns the number of codes moved.
         """
         y = self._encode_continuous(self._preprocess(frames))  # (B, d, h, w)
         y_flat = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # (B*K, d)
