@@ -311,6 +311,26 @@ class Tokenizer(nn.Module):
         losses.update(codebook_metrics(tokens, self.config.vocab_size))
         return losses
 
+    @torch.no_grad()
+    def restart_unused_codes(self, frames: Tensor) -> int:
+        """Move every code that no frame of the batch uses onto the encoder output y^k of a random token of the batch.
+
+        Differs from the paper and the reference code, which have no restarts: without the perceptual loss, in small
+        configs on Pong, the codebook collapses within tens of steps to one code per token position, the same for
+        every frame, and had not recovered after hundreds of steps (learn.py). Random restarts of dead codes
+        (Dhariwal et al., 2020, Jukebox) put codes back where the encoder outputs are; called every 5 steps they keep
+        hundreds of codes in use, but on their own they did not make D use them within 1,350 steps. Off unless a
+        training loop calls it (train.py does not). Returns the number of codes moved.
+        """
+        y = self._encode_continuous(self._preprocess(frames))  # (B, d, h, w)
+        y_flat = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # (B*K, d)
+        used = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=y.device)
+        used[self._quantize(y).flatten()] = True
+        dead = torch.nonzero(~used).squeeze(1)  # (n,)
+        picks = torch.randint(len(y_flat), (len(dead),), device=y.device)
+        self.embedding.weight[dead] = y_flat[picks]
+        return len(dead)
+
     def perceptual_net(self) -> PerceptualLoss:
         """The frozen VGG of L_perceptual, built on first use (call it early to fail fast when offline)."""
         if self._perceptual is None:

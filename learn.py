@@ -1,0 +1,405 @@
+"""Does it learn? The components of IRIS trained alone on real Atari frames, with held-out measurements.
+
+    python learn.py tokenizer      # stage 1: E, D and the codebook (Section 2.1, Appendix A.1) on Pong frames
+    python learn.py world_model    # stage 2: G (Section 2.2, Eqs. 1-3, Appendix A.2) on the stage-1 tokens
+    (stage 3, `python learn.py loop`, the whole of Algorithm 1, is left to train.py for now)
+
+Data: a random policy (each action kept with probability ACTION_KEEP_PROB, so the paddle travels) plays the
+training env of env.py (episodes end on game over in Pong, which has no lives); a second seed gives held-out
+episodes that no model trains on. Everything goes to --out (default runs/learn/): the replay buffers, the
+tokenizer checkpoint, the tokens of every frame, the world model, a PNG of originals above reconstructions
+(Figure 4's top rows) and a GIF of imagination from a real frame (Section 2.3). Each stage prints a table of
+held-out measurements every --eval_every steps. Runs on one CPU thread in 10-20 minutes per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from env import make_env
+from replay import ReplayBuffer, atomic_save
+from tokenizer import Tokenizer, TokenizerConfig
+from world_model import WorldModel, WorldModelConfig, WorldModelEnv
+
+GAME = "Pong"
+TRAIN_STEPS = 40_000  # real steps of the training data set
+HELDOUT_STEPS = 10_000  # real steps of the held-out data set (other seed, other episodes)
+WORLD_MODEL_TRAIN_STEPS = 20_000  # the first real steps of the training set that stage 2 encodes and trains on
+HELDOUT_SEED_OFFSET = 1_000  # held-out env seed = --seed + this
+ACTION_KEEP_PROB = 0.75  # random policy: repeat the previous action with this probability, else draw uniformly
+RESTART_EVERY = 5  # steps between restarts of the codes no frame uses (tokenizer.restart_unused_codes); 0: none
+RESTART_FRAMES = 64  # frames whose encoder outputs decide which codes are unused and where they restart
+EVAL_FRAMES = 256  # held-out frames for the tokenizer's measurements
+FOREGROUND_THRESHOLD = 0.1  # a pixel is foreground when a channel differs from the median frame by more (in [0, 1])
+MEDIAN_FRAMES = 2_000  # training frames whose pixelwise median is the background
+PICTURE_FRAMES = 8  # columns of the reconstruction PNG
+PICTURE_SCALE = 4  # nearest-neighbour upscaling of the pictures
+EVAL_SEGMENTS = 256  # held-out segments for the world model's measurements
+DREAM_STEPS = 40  # imagined steps in the GIF
+DREAM_TRAJECTORIES = 4  # imagined trajectories side by side in the GIF
+GIF_MS = 100  # milliseconds per frame of the GIF
+ENCODE_BATCH = 256  # frames per tokenizer call when encoding the data sets
+MAX_GRAD_NORM = 10.0  # gradient clipping, Table 5
+ADAM_BETAS = (0.9, 0.999)  # Adam β1, β2, Table 5
+
+# The sizes found to learn Pong on one CPU core (see /work/scratch/learn_results.md); the paper's are in
+# TokenizerConfig and WorldModelConfig. perceptual_weight 0: VGG16's ImageNet weights cannot be downloaded here.
+TOKENIZER_SMALL = dict(ch=16, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=32,
+                       vocab_size=512, embed_dim=32, num_groups=8, perceptual_weight=0.0)
+WORLD_MODEL_SMALL = dict(max_timesteps=8, embed_dim=64, num_layers=2, num_heads=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def collect(game: str, num_steps: int, seed: int) -> ReplayBuffer:
+    """num_steps real steps of the random policy in the training env (ends on game over / life loss)."""
+    env = make_env(game, train=True, seed=seed)
+    rng = np.random.default_rng(seed)
+    buffer = ReplayBuffer(chunk_size=num_steps)
+    obs, _ = env.reset()
+    action = 0
+    for _ in range(num_steps):
+        if rng.random() > ACTION_KEEP_PROB:
+            action = int(rng.integers(env.action_space.n))
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        buffer.add(obs, action, reward, terminated, truncated)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    env.close()
+    return buffer
+
+
+def load_data(out: Path, game: str, seed: int) -> tuple[ReplayBuffer, ReplayBuffer]:
+    """The training and held-out buffers, collected once and then read from out/."""
+    buffers = []
+    for name, steps, env_seed in (("train", TRAIN_STEPS, seed), ("heldout", HELDOUT_STEPS, seed + HELDOUT_SEED_OFFSET)):
+        path = out / f"replay_{name}.pt"
+        if not path.is_file():
+            start = time.time()
+            collect(game, steps, env_seed).save(path)
+            print(f"collected {steps} {name} steps of {game} in {time.time() - start:.0f} s -> {path}")
+        buffers.append(ReplayBuffer.load(path))
+    for name, buffer in zip(("train", "heldout"), buffers):
+        rewards, ends = buffer._data["rewards"][: len(buffer)], buffer._data["ends"][: len(buffer)]
+        print(f"{name}: {len(buffer)} steps, {buffer.num_episodes} episodes, {int((rewards > 0).sum())} rewards +1, "
+              f"{int((rewards < 0).sum())} rewards -1, {int(ends.sum())} ends")
+    return buffers[0], buffers[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1: the tokenizer
+
+
+def to_unit(frames: torch.Tensor) -> torch.Tensor:
+    return frames.float() / 255  # uint8 -> [0, 1]
+
+
+@torch.no_grad()
+def reconstruct(tokenizer: Tokenizer, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """frames (B, 3, 64, 64) uint8 -> tokens (B, K), D(E(x)) (B, 3, 64, 64) in [0, 1], in eval mode."""
+    was_training = tokenizer.training
+    tokenizer.eval()
+    tokens = torch.cat([tokenizer.encode(chunk) for chunk in frames.split(ENCODE_BATCH)])  # (B, K)
+    images = torch.cat([tokenizer.decode(chunk) for chunk in tokens.split(ENCODE_BATCH)])  # (B, 3, 64, 64)
+    tokenizer.train(was_training)
+    return tokens, images
+
+
+def tokenizer_metrics(tokenizer: Tokenizer, frames: torch.Tensor, median: torch.Tensor) -> dict[str, float]:
+    """Held-out frames (B, 3, 64, 64) uint8, median frame (3, 64, 64) in [0, 1] -> the stage-1 measurements."""
+    x = to_unit(frames)  # (B, 3, 64, 64)
+    tokens, x_hat = reconstruct(tokenizer, frames)
+    foreground = ((x - median).abs().amax(dim=1) > FOREGROUND_THRESHOLD).unsqueeze(1)  # (B, 1, 64, 64)
+    fg = foreground.expand_as(x)
+    distances = torch.cdist(x.flatten(1), x_hat.flatten(1), p=1) / x[0].numel()  # (B, B) mean L1 of x_i to x̂_j
+    same_frame = torch.cdist(x.flatten(1), x.flatten(1), p=1) == 0  # identical frames cannot be told apart
+    pairs = ~same_frame  # ordered pairs (i, j) of different frames
+    # Token discrimination: x̂_i strictly closer to x_i than x̂_j is; equal tokens (collapse) count as failures.
+    closer = distances.diagonal().unsqueeze(1) < distances  # (B, B)
+    return {"l1": (x - x_hat).abs().mean().item(),
+            "fg_l1": (x - x_hat).abs()[fg].mean().item(),
+            "fg_l1_median": (x - median).abs()[fg].mean().item(),
+            "discrimination": closer[pairs].float().mean().item(),
+            "codes_used": len(tokens.unique()),
+            "distinct_frames": len(tokens.unique(dim=0))}
+
+
+def save_reconstructions(tokenizer: Tokenizer, frames: torch.Tensor, path: Path) -> None:
+    """PNG: held-out frames (top row) above D(E(x)) (bottom row)."""
+    import matplotlib.pyplot as plt
+
+    _, x_hat = reconstruct(tokenizer, frames)
+    rows = torch.stack([to_unit(frames), x_hat])  # (2, B, 3, 64, 64)
+    grid = rows.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (2*64, B*64, 3)
+    grid = grid.repeat_interleave(PICTURE_SCALE, 0).repeat_interleave(PICTURE_SCALE, 1)
+    plt.imsave(path, grid.clamp(0, 1).numpy())
+
+
+def picture_frames(buffer: ReplayBuffer, median: torch.Tensor, count: int) -> torch.Tensor:
+    """count held-out frames with the most foreground (ball in play), spread over the buffer: (count, 3, 64, 64)."""
+    frames = buffer.observations
+    foreground = ((to_unit(frames) - median).abs().amax(dim=1) > FOREGROUND_THRESHOLD).flatten(1).sum(1)  # (B,)
+    stride = len(frames) // count
+    picks = [i * stride + int(foreground[i * stride:(i + 1) * stride].argmax()) for i in range(count)]
+    return frames[picks]
+
+
+def train_tokenizer(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    train, heldout = load_data(out, args.game, args.seed)
+    torch.manual_seed(args.seed)
+    median = to_unit(train.observations[torch.randperm(len(train))[:MEDIAN_FRAMES]]).median(dim=0).values  # (3,64,64)
+    eval_frames = heldout.observations[torch.randperm(len(heldout))[:EVAL_FRAMES]]  # (EVAL_FRAMES, 3, 64, 64)
+    config = TokenizerConfig(**{**TOKENIZER_SMALL, "vocab_size": args.vocab_size, "embed_dim": args.embed_dim,
+                                "ch": args.ch, "z_channels": args.z_channels})
+    tokenizer = Tokenizer(config)
+    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    print(f"tokenizer {config}\n{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, "
+          f"lr {args.lr}")
+    columns = ["step", "minutes", "loss", "l1", "fg_l1", "fg_l1_median", "discrimination", "codes_used",
+               "distinct_frames"]
+    table = Table(columns, out / "tokenizer_metrics.csv")
+    start = time.time()
+    for step in range(args.steps + 1):
+        last = step == args.steps or time.time() - start > args.minutes * 60
+        if step % args.eval_every == 0 or last:
+            table.row({"step": step, "minutes": (time.time() - start) / 60, "loss": losses["total"].item() if step
+                       else float("nan"), **tokenizer_metrics(tokenizer, eval_frames, median)})
+        if last:
+            break
+        if args.restart_every and step % args.restart_every == 0 and step:
+            tokenizer.restart_unused_codes(train.sample_frames(RESTART_FRAMES))
+        losses = tokenizer.loss(train.sample_frames(args.batch))
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+    atomic_save({"config": config.__dict__, "model": tokenizer.state_dict()}, out / "tokenizer.pt")
+    save_reconstructions(tokenizer, picture_frames(heldout, median, PICTURE_FRAMES), out / "reconstructions.png")
+    train.truncate(WORLD_MODEL_TRAIN_STEPS)
+    encode_buffers(tokenizer, {"train": train, "heldout": heldout}, out)
+    print(f"saved {out / 'tokenizer.pt'}, {out / 'reconstructions.png'}, tokens in {out}/tokens_*.pt")
+
+
+def encode_buffers(tokenizer: Tokenizer, buffers: dict[str, ReplayBuffer], out: Path) -> None:
+    """z = E(x) of every stored frame, (len, K) int64, for stage 2."""
+    for name, buffer in buffers.items():
+        with torch.no_grad():
+            tokens = torch.cat([tokenizer.eval().encode(chunk) for chunk in buffer.observations.split(ENCODE_BATCH)])
+        atomic_save(tokens, out / f"tokens_{name}.pt")
+
+
+def load_tokenizer(out: Path) -> Tokenizer:
+    checkpoint = torch.load(out / "tokenizer.pt", weights_only=False)
+    tokenizer = Tokenizer(TokenizerConfig(**checkpoint["config"]))
+    tokenizer.load_state_dict(checkpoint["model"])
+    return tokenizer.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2: the world model
+
+
+def segment_batch(buffer: ReplayBuffer, tokens: torch.Tensor, batch_size: int, length: int
+                  ) -> dict[str, torch.Tensor]:
+    """B segments of T steps (Appendix A.2) with their tokens z_t (B, T, K) looked up from the encoded data set."""
+    batch = buffer.sample(batch_size, length)
+    batch["tokens"] = tokens[batch["index"]]  # (B, T, K)
+    return batch
+
+
+def fixed_segments(buffer: ReplayBuffer, tokens: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+    """The held-out segments, the same at every evaluation: they tile each episode backwards from its last step,
+    without overlap, so each real step is scored at most once and every episode end d_t = 1 is inside one."""
+    starts, lengths = buffer._episode_table()
+    index = torch.cat([torch.arange(s + n - length, s - 1, -length) for s, n in zip(starts.tolist(), lengths.tolist())
+                       if n >= length])  # (S,) first step of each segment
+    steps = index[:, None] + torch.arange(length)  # (S, T)
+    data = {name: buffer._data[name][: len(buffer)][steps] for name in ("actions", "rewards", "ends")}
+    data["ends"] = data["ends"].long()
+    data["tokens"] = tokens[steps]  # (S, T, K)
+    data["mask"] = torch.ones_like(data["ends"], dtype=torch.bool)
+    return data
+
+
+@torch.no_grad()
+def world_model_metrics(model: WorldModel, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Teacher-forced predictions on the held-out segments: argmax of each head."""
+    was_training = model.training
+    model.eval()
+    K = model.tokens_per_frame
+    correct, copy_correct, changed_correct, changed, total = 0, 0, 0, 0, 0
+    reward_pred, reward_true, end_pred, end_true = [], [], [], []
+    for chunk in range(0, len(data["tokens"]), EVAL_SEGMENTS):
+        part = {k: v[chunk:chunk + EVAL_SEGMENTS] for k, v in data.items()}
+        obs_tokens = part["tokens"]  # (B, T, K)
+        B, T, _ = obs_tokens.shape
+        hidden = model(torch.cat([obs_tokens, part["actions"].unsqueeze(-1)], -1).flatten(1))  # (B, T(K+1), D)
+        hidden = hidden.view(B, T, K + 1, -1)  # (B, T, K+1, D)
+        # Position k of step t (k = K is a_t) predicts frame token k+1 of step t+1 -> outputs K..2K-1 of the pair.
+        frame_hidden = torch.cat([hidden[:, :-1, K:], hidden[:, 1:, :K - 1]], dim=2)  # (B, T-1, K, D)
+        predicted = model.head_observations(frame_hidden).argmax(-1)  # (B, T-1, K)
+        target, previous = obs_tokens[:, 1:], obs_tokens[:, :-1]  # (B, T-1, K)
+        moving = target != previous
+        correct += (predicted == target).sum().item()
+        copy_correct += (previous == target).sum().item()
+        changed_correct += (predicted == target)[moving].sum().item()
+        changed += moving.sum().item()
+        total += target.numel()
+        reward_pred.append(model.head_rewards(hidden[:, :, K]).argmax(-1) - 1)  # (B, T) sign of r̂_t
+        reward_true.append(torch.sign(part["rewards"]).long())
+        end_pred.append(model.head_ends(hidden[:, :, K]).argmax(-1))
+        end_true.append(part["ends"])
+    model.train(was_training)
+    metrics = {"token_acc": correct / total, "copy_acc": copy_correct / total,
+               "changed_acc": changed_correct / max(changed, 1)}
+    for name, pred, true in (("reward", reward_pred, reward_true), ("end", end_pred, end_true)):
+        pred, true = torch.cat(pred).flatten(), torch.cat(true).flatten()
+        hits = ((pred == true) & (true != 0)).sum().item()
+        metrics[f"{name}_precision"] = hits / max((pred != 0).sum().item(), 1)
+        metrics[f"{name}_recall"] = hits / max((true != 0).sum().item(), 1)
+    return metrics
+
+
+def train_world_model(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    train, heldout = load_data(out, args.game, args.seed)
+    train.truncate(WORLD_MODEL_TRAIN_STEPS)
+    tokenizer = load_tokenizer(out)
+    tokens = {name: torch.load(out / f"tokens_{name}.pt") for name in ("train", "heldout")}  # (len, K) each
+    torch.manual_seed(args.seed)
+    config = WorldModelConfig(**{**WORLD_MODEL_SMALL, "embed_dim": args.wm_embed_dim, "num_layers": args.num_layers,
+                                 "max_timesteps": args.timesteps})
+    num_actions = int(train._data["actions"][: len(train)].max()) + 1
+    model = WorldModel(config, tokenizer.config.vocab_size, tokenizer.config.tokens_per_frame, num_actions)
+    optimizer = model.configure_optimizer(args.lr, ADAM_BETAS)
+    heldout_data = fixed_segments(heldout, tokens["heldout"], config.max_timesteps)
+    print(f"world model {config}\n{sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch}, "
+          f"lr {args.lr}; held-out: {len(heldout_data['tokens'])} segments of {config.max_timesteps} steps, "
+          f"{int((heldout_data['rewards'] != 0).sum())} nonzero rewards, {int(heldout_data['ends'].sum())} ends")
+    columns = ["step", "minutes", "loss", "token_acc", "copy_acc", "changed_acc", "reward_precision", "reward_recall",
+               "end_precision", "end_recall"]
+    table = Table(columns, out / "world_model_metrics.csv")
+    start = time.time()
+    for step in range(args.steps + 1):
+        last = step == args.steps or time.time() - start > args.minutes * 60
+        if step % args.eval_every == 0 or last:
+            table.row({"step": step, "minutes": (time.time() - start) / 60, "loss": losses["total"].item() if step
+                       else float("nan"), **world_model_metrics(model, heldout_data)})
+        if last:
+            break
+        batch = segment_batch(train, tokens["train"], args.batch, config.max_timesteps)
+        losses = model.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["ends"], batch["mask"])
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+    atomic_save({"config": config.__dict__, "model": model.state_dict()}, out / "world_model.pt")
+    save_dream(tokenizer, model, heldout, tokens["heldout"], out / "dream.gif", args.seed)
+    print(f"saved {out / 'world_model.pt'}, {out / 'dream.gif'}")
+
+
+@torch.no_grad()
+def save_dream(tokenizer: Tokenizer, model: WorldModel, buffer: ReplayBuffer, tokens: torch.Tensor, path: Path,
+               seed: int) -> None:
+    """GIF: for DREAM_TRAJECTORIES real held-out starts, the real frames (top) above G's imagination (bottom),
+    driven by the recorded actions."""
+    from PIL import Image
+
+    torch.manual_seed(seed)
+    starts, lengths = buffer._episode_table()
+    long_enough = torch.nonzero(lengths > DREAM_STEPS + 1).squeeze(1)
+    first = starts[long_enough[torch.randint(len(long_enough), (DREAM_TRAJECTORIES,))]]
+    first = first + (torch.rand(DREAM_TRAJECTORIES) * (lengths[long_enough].min() - DREAM_STEPS - 1)).long()  # (B,)
+    steps = first[:, None] + torch.arange(DREAM_STEPS + 1)  # (B, T+1)
+    real = to_unit(buffer.observations[steps])  # (B, T+1, 3, 64, 64)
+    actions = buffer._data["actions"][steps]  # (B, T+1)
+    env = WorldModelEnv(tokenizer, model)
+    dreamed = [env.reset_from_tokens(tokens[steps[:, 0]])]  # x̂_0 (B, 3, 64, 64)
+    for t in range(DREAM_STEPS):
+        dreamed.append(env.step(actions[:, t])[2])
+    dreamed = torch.stack(dreamed, dim=1)  # (B, T+1, 3, 64, 64)
+    images = []
+    for t in range(DREAM_STEPS + 1):
+        grid = torch.stack([real[:, t], dreamed[:, t]])  # (2, B, 3, 64, 64)
+        grid = grid.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (2*64, B*64, 3)
+        grid = grid.repeat_interleave(PICTURE_SCALE, 0).repeat_interleave(PICTURE_SCALE, 1)
+        images.append(Image.fromarray((grid.clamp(0, 1) * 255).byte().numpy()))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_MS, loop=0)
+    images[DREAM_STEPS // 2].save(path.with_suffix(".png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+class Table:
+    """Prints one aligned row per evaluation and appends it to a CSV file."""
+
+    def __init__(self, columns: list[str], path: Path) -> None:
+        self.columns, self.path = columns, path
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(columns)
+        print(" | ".join(f"{c:>14}" for c in columns), flush=True)
+
+    def row(self, values: dict[str, float]) -> None:
+        cells = [values[c] for c in self.columns]
+        print(" | ".join(f"{v:>14.4f}" if isinstance(v, float) else f"{v:>14}" for v in cells), flush=True)
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(cells)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES), help="stage 1 or 2 (stage 2 needs stage 1's outputs)")
+    parser.add_argument("--game", default=GAME)
+    parser.add_argument("--out", default="runs/learn", help="data, checkpoints, pictures and metrics")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (stage default if unset)")
+    parser.add_argument("--eval_every", type=int, default=None, help="steps between held-out measurements")
+    parser.add_argument("--batch", type=int, default=None, help="frames (stage 1) or segments (stage 2) per step")
+    parser.add_argument("--lr", type=float, default=None, help="Adam(W) learning rate")
+    parser.add_argument("--minutes", type=float, default=float("inf"), help="stop training after this wall time")
+    tok = parser.add_argument_group("stage 1: tokenizer")
+    tok.add_argument("--restart_every", type=int, default=RESTART_EVERY, help="dead-code restarts; 0: none (paper)")
+    for name in ("ch", "z_channels", "vocab_size", "embed_dim"):
+        tok.add_argument(f"--{name}", type=int, default=TOKENIZER_SMALL[name])
+    wm = parser.add_argument_group("stage 2: world model")
+    wm.add_argument("--timesteps", type=int, default=WORLD_MODEL_SMALL["max_timesteps"], help="L, steps per segment")
+    wm.add_argument("--num_layers", type=int, default=WORLD_MODEL_SMALL["num_layers"])
+    wm.add_argument("--wm_embed_dim", dest="wm_embed_dim", type=int, default=WORLD_MODEL_SMALL["embed_dim"])
+    args = parser.parse_args(argv)
+    stage_defaults = STAGE_DEFAULTS[args.stage]
+    for name, value in stage_defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+STAGE_DEFAULTS = {
+    "tokenizer": {"steps": 1_000, "eval_every": 100, "batch": 16, "lr": 1e-3},
+    "world_model": {"steps": 3_000, "eval_every": 200, "batch": 16, "lr": 1e-3},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    STAGES[args.stage](args)
+
+
+STAGES = {"tokenizer": train_tokenizer, "world_model": train_world_model}  # stage 3, "loop", goes here
+
+
+if __name__ == "__main__":
+    main()
