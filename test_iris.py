@@ -1672,3 +1672,56 @@ def test_train_reuse_freed_memory_stops_page_faults_of_large_tensors():
     # glibc's default: about 16,000 faults (one per 4 KiB page) every time. With the fix, once the heap has grown
     # (measured: after 2 or 3 allocations), each allocation lands in pages kept from the earlier ones.
     assert faults[-1] < 1000
+
+
+# Every setting is range-checked before the disk is touched.
+
+INVALID_SETTINGS = [  # (field, a value out of its range) for every leaf field of IRISConfig; tiny preset otherwise
+    ("game", 5), ("out", None), ("seed", -1), ("device", "gpu"), ("epochs", 0), ("epochs", -3),
+    ("collection_epochs", 0), ("env_steps_per_epoch", 0), ("training_steps_per_epoch", 0), ("collect_epsilon", 5.0),
+    ("collect_temperature", 0.0), ("eval_temperature", -1.0), ("start_tokenizer_after_epochs", -1),
+    ("start_world_model_after_epochs", -1), ("start_actor_critic_after_epochs", -1), ("tokenizer_batch_size", 0),
+    ("world_model_batch_size", -5), ("actor_critic_batch_size", 0), ("learning_rate", 0.0), ("adam_beta1", 1.0),
+    ("adam_beta2", -0.1), ("max_grad_norm", 0.0), ("eval_every", 0), ("eval_episodes", 0),
+    ("final_eval_episodes", 0), ("eval_envs", 0), ("media_trajectories", 0), ("cache_tokens", 1),
+    ("encode_batch_size", 0), ("bf16", "sometimes"), ("fused_adam", "yes"), ("channels_last", 0),
+    ("reuse_freed_memory", None), ("tokenizer.resolution", 60), ("tokenizer.in_channels", 1), ("tokenizer.ch", 0),
+    ("tokenizer.ch_mult", ()), ("tokenizer.ch_mult", (1,) * 8), ("tokenizer.num_res_blocks", 0),
+    ("tokenizer.attn_resolutions", (0,)), ("tokenizer.z_channels", 0), ("tokenizer.vocab_size", 0),
+    ("tokenizer.embed_dim", 0), ("tokenizer.dropout", 1.0), ("tokenizer.num_groups", 3),
+    ("tokenizer.perceptual_weight", -1.0), ("tokenizer.pretrained_vgg", "no"), ("world_model.max_timesteps", 0),
+    ("world_model.embed_dim", 65), ("world_model.num_layers", 0), ("world_model.num_heads", 3),
+    ("world_model.embed_dropout", 1.5), ("world_model.attn_dropout", -0.1), ("world_model.resid_dropout", 1.0),
+    ("world_model.weight_decay", -0.01), ("world_model.reward_loss", "l1"), ("actor_critic.conv_channels", (8,) * 7),
+    ("actor_critic.lstm_dim", 0), ("actor_critic.burn_in", -1), ("actor_critic.imagination_horizon", 0),
+    ("actor_critic.gamma", 2.0), ("actor_critic.lam", 1.5), ("actor_critic.entropy_weight", -0.001),
+    ("env.frame_size", 84), ("env.frame_skip", 0), ("env.noop_max", -1), ("env.repeat_action_probability", 2.0),
+    ("env.max_train_frames", 0), ("env.max_test_frames", 0),
+]
+
+
+
+def test_train_invalid_settings_cover_every_config_field():
+    assert {name for name, _ in INVALID_SETTINGS} == set(agent_lib.flat_fields(agent_lib.IRISConfig()))
+
+
+@pytest.mark.parametrize("name, value", INVALID_SETTINGS, ids=[f"{n}={v!r}" for n, v in INVALID_SETTINGS])
+def test_train_refuses_an_invalid_setting_before_touching_the_disk(tmp_path, name, value):
+    """The message names the field, its value and what is allowed; flags are refused by train.main before the run
+    directory exists, values no flag can give (a bool field set to 1, an edited config.json) by validate_config."""
+    default = agent_lib.flat_fields(agent_lib.IRISConfig())[name]
+    if isinstance(default, bool) or name in ("game", "out"):
+        config = train.parse_args(["--preset", "tiny"])[0]
+        agent_lib.set_field(config, name, value)
+        with pytest.raises(agent_lib.ConfigError, match="invalid config: .*" + name):
+            agent_lib.validate_config(config)
+        with pytest.raises(agent_lib.ConfigError, match=name):
+            agent_lib.Agent(config, num_actions=6)
+        return
+    text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    with pytest.raises(SystemExit) as exit_info:  # an unknown game too: a value let through never starts a run
+        train.main(["--preset", "tiny", "--game", "Pongg", "--out", str(tmp_path / "run"), f"--{name}", text])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: invalid config: ") and f"{name} = {value!r}" in message, message
+    assert "allowed" in message or "divisible" in message or "divide" in message or "differs" in message, message
+    assert not (tmp_path / "run").exists()

@@ -17,7 +17,6 @@ import contextlib
 import csv
 import json
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,8 @@ from tqdm import tqdm
 
 from actor_critic import actor_critic_loss, imagine
 from agent import (COMPONENTS, Agent, IRISConfig, add_config_flags, config_from_args, config_overrides,
-                   config_from_dict, load_checkpoint, pick_device, set_seed, setup_process)
+                   config_from_dict, load_checkpoint, pick_device, rng_states, set_rng_states, set_seed, setup_process,
+                   validate_config)
 from env import canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
 from world_model import WorldModelEnv
@@ -323,21 +323,6 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 def new_run(config: IRISConfig) -> Run:
     config.game = canonical_game(config.game)
     set_seed(config.seed)
@@ -364,6 +349,7 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
     config = config_from_dict(checkpoint["config"])
     if device:
         config.device = device
+    validate_config(config)
     agent = Agent.from_checkpoint(checkpoint, pick_device(config.device))
     replay = ReplayBuffer.load(run_dir / "replay.pt", device=agent.device)
     # A kill between saving the dataset and the checkpoint leaves steps the checkpoint never saw.
@@ -402,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume:
             run = resume_run(Path(args.resume), getattr(args, "device", None))
         else:
+            validate_config(config)  # before anything is written
             run = new_run(config)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         sys.exit(f"error: {error}")
