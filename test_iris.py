@@ -264,10 +264,10 @@ def test_replay_last_frames_of_the_open_episode_left_padded():
 
 def test_replay_save_load_round_trip(tmp_path):
     buffer = _filled_buffer([5, 9, 4], chunk_size=1000)
-    path = tmp_path / "replay.pt"
+    path = tmp_path / "replay"
     buffer.save(path)
-    assert path.stat().st_size < 100 * 3 * 64 * 64  # the filled part only, not the preallocated 1000 steps
-    assert [p.name for p in tmp_path.iterdir()] == ["replay.pt"]  # no temporary file left behind
+    assert [p.name for p in path.iterdir()] == ["steps_0000000000.pt"]  # no temporary file left behind
+    assert (path / "steps_0000000000.pt").stat().st_size < 100 * 3 * 64 * 64  # the filled part, not 1000 steps
     loaded = ReplayBuffer.load(path)
     assert len(loaded) == 18 and loaded.episode_lengths == [5, 9, 4]
     for name in ("observations", "actions", "rewards", "ends"):
@@ -277,19 +277,62 @@ def test_replay_save_load_round_trip(tmp_path):
 
 
 def test_replay_truncated_or_corrupt_file_is_refused(tmp_path):
-    path = tmp_path / "replay.pt"
-    _filled_buffer([30, 20]).save(path)
+    buffer = _filled_buffer([30, 20])
+    buffer.save(tmp_path)
+    buffer.add(_frame(50), 0, 0.0, False)
+    buffer.save(tmp_path)
+    last = tmp_path / "steps_0000000050.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="steps_0000000050.pt"):
+        ReplayBuffer.load(tmp_path)
+    assert len(ReplayBuffer.load(tmp_path, num_steps=50)) == 50  # the steps a checkpoint names are intact
+    last.write_bytes(data)
+    path = tmp_path / "steps_0000000000.pt"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="replay.pt"):
-        ReplayBuffer.load(path)
     corrupt = bytearray(data)
     corrupt[len(data) // 2] ^= 0xFF  # one byte of the stored frames, which fill most of the file
     path.write_bytes(bytes(corrupt))
-    with pytest.raises(ValueError, match="replay.pt"):
-        ReplayBuffer.load(path)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        ReplayBuffer.load(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="steps_0000000000.pt"):
+        ReplayBuffer.load(tmp_path, num_steps=50)
+    path.unlink()
+    with pytest.raises(ValueError, match="steps_0000000050.pt does not follow .* chunk is missing"):
+        ReplayBuffer.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ReplayBuffer.load(tmp_path / "missing")
+
+
+def test_replay_save_appends_only_the_new_steps(tmp_path):
+    """Each save writes one chunk file with the steps added since the last one; earlier chunks are never rewritten.
+    A resumed buffer (cut to the steps of its checkpoint) replaces the chunk past the cut, then deletes later ones."""
+    buffer = _filled_buffer([30, 20])
+    buffer.save(tmp_path)
+    first = tmp_path / "steps_0000000000.pt"
+    written = first.stat().st_mtime_ns, first.stat().st_ino
+    for step in range(50, 60):
+        buffer.add(_frame(step), 0, 0.0, False)
+    buffer.save(tmp_path)
+    buffer.save(tmp_path)  # no new step: nothing written
+    buffer.add(_frame(60), 1, 1.0, True)
+    buffer.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "steps_0000000000.pt", "steps_0000000050.pt", "steps_0000000060.pt"]
+    assert (first.stat().st_mtime_ns, first.stat().st_ino) == written
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    step_bytes = 3 * 64 * 64 + 8 + 4 + 1  # x_t, a_t, r_t, d_t: each chunk grows with its new steps only
+    assert sizes["steps_0000000050.pt"] - sizes["steps_0000000060.pt"] == pytest.approx(9 * step_bytes, rel=0.02)
+    assert sizes["steps_0000000000.pt"] - sizes["steps_0000000050.pt"] == pytest.approx(40 * step_bytes, rel=0.02)
+    loaded = ReplayBuffer.load(tmp_path)
+    assert len(loaded) == 61 and loaded.episode_lengths == [30, 31]
+    for name in ("observations", "actions", "rewards", "ends"):
+        assert torch.equal(loaded._data[name][:61], buffer._data[name][:61])
+    resumed = ReplayBuffer.load(tmp_path, num_steps=55)  # a checkpoint of 55 steps: the last chunk is not read
+    assert len(resumed) == 55 and resumed.episode_lengths == [30, 25]
+    resumed.add(_frame(99), 2, 0.0, True)
+    resumed.save(tmp_path)  # steps 50 to 55 again, then the new one; the chunk of step 60 no checkpoint names goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps_0000000000.pt", "steps_0000000050.pt"]
+    again = ReplayBuffer.load(tmp_path)
+    assert len(again) == 56 and again.episode_lengths == [30, 26] and again._data["actions"][55] == 2
 
 
 def test_replay_holds_real_breakout_steps():
@@ -1416,8 +1459,12 @@ def train_tiny_run(tmp_path_factory):
 
 def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     run_dir, proc = train_tiny_run
-    for name in ["config.json", "metrics.csv", "checkpoint.pt", "replay.pt", "final_eval.json"]:
+    for name in ["config.json", "metrics.csv", "checkpoint.pt", "final_eval.json"]:
         assert (run_dir / name).is_file(), name
+    # The dataset is appended to: each epoch's save wrote one chunk of its 100 new steps, never the whole dataset.
+    chunks = sorted((run_dir / "replay").iterdir())
+    assert [p.name for p in chunks] == [f"steps_{100 * k:010d}.pt" for k in range(6)]
+    assert max(p.stat().st_size for p in chunks) < 1.01 * min(p.stat().st_size for p in chunks)
     assert sorted(p.name for p in (run_dir / "media").iterdir()) == [
         "imagination_epoch0005.gif", "imagination_epoch0006.gif",
         "reconstructions_epoch0005.png", "reconstructions_epoch0006.png"]
@@ -1458,7 +1505,7 @@ def test_train_checkpoint_loads_into_a_fresh_agent_that_acts(train_tiny_run):
         assert action.shape == (1,) and 0 <= action[0] < env.action_space.n
         obs, *_ = env.step(int(action[0]))
         first = np.array([False])
-    assert len(ReplayBuffer.load(run_dir / "replay.pt")) == 600
+    assert len(ReplayBuffer.load(run_dir / "replay")) == 600
 
 
 def test_train_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path):
@@ -1483,7 +1530,7 @@ def test_train_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path):
     assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 4 and checkpoint["env_steps"] == 400
-    assert len(ReplayBuffer.load(run_dir / "replay.pt")) == 400  # the dataset of an uninterrupted run
+    assert len(ReplayBuffer.load(run_dir / "replay")) == 400  # the dataset of an uninterrupted run
     assert (run_dir / "final_eval.json").is_file()
 
 

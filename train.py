@@ -299,12 +299,12 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run directory: config.json, metrics.csv, checkpoint.pt and replay.pt, all written atomically
+# Run directory: config.json, metrics.csv, checkpoint.pt and replay/, all written atomically
 
 
 def save_run(run: Run) -> None:
-    """The dataset first, then the checkpoint that names its size: a kill between the two loses nothing."""
-    run.replay.save(run.run_dir / "replay.pt")
+    """The new steps of the dataset first, then the checkpoint that names its size: a kill between loses nothing."""
+    run.replay.save(run.run_dir / "replay")
     extra = {"epoch": run.epoch, "env_steps": len(run.replay), "history": run.history, "rng": rng_states(),
              "optimizers": {name: opt.state_dict() for name, opt in run.optimizers.items()}}
     run.agent.save(run.run_dir / "checkpoint.pt", **extra)
@@ -351,9 +351,8 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
         config.device = device
     validate_config(config)
     agent = Agent.from_checkpoint(checkpoint, pick_device(config.device))
-    replay = ReplayBuffer.load(run_dir / "replay.pt", device=agent.device)
-    # A kill between saving the dataset and the checkpoint leaves steps the checkpoint never saw.
-    replay.truncate(checkpoint["env_steps"])
+    # A kill between saving the dataset and the checkpoint leaves steps the checkpoint never saw: not read.
+    replay = ReplayBuffer.load(run_dir / "replay", device=agent.device, num_steps=checkpoint["env_steps"])
     replay.close_episode()  # the emulator's state is not saved: collection restarts with a new game
     run = Run(config, agent, make_optimizers(agent, config), replay, run_dir, epoch=checkpoint["epoch"],
               history=checkpoint["history"])
