@@ -252,14 +252,14 @@ class ReplayBuffer:
             if num_steps is not None and size >= num_steps:
                 break
             state = _read_chunk(file)
-            if state.get("start", 0) != size or tuple(state["obs_shape"]) != tuple(states[0]["obs_shape"] if states
-                                                                                   else state["obs_shape"]):
+            shape = states[0]["obs_shape"] if states else state["obs_shape"]
+            if state.get("start", 0) != size or list(state["obs_shape"]) != list(shape):
                 raise ValueError(f"replay chunk {file} does not follow the {size} steps before it: "
                                  "a chunk is missing or foreign")
             states.append(state)
             size += len(state["actions"])
         if num_steps is not None and size < num_steps:
-            raise ValueError(f"the replay at {path} holds {size} steps, fewer than the {num_steps} its checkpoint names")
+            raise ValueError(f"the replay at {path} holds {size} steps, fewer than the {num_steps} asked for")
         buffer = cls(tuple(states[0]["obs_shape"]) if states else (3, 64, 64), chunk_size=chunk_size, device=device)
         if size:
             buffer._grow(size)
