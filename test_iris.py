@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -1523,14 +1524,18 @@ def test_train_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path):
     proc.wait()
     done = len(_train_metrics(run_dir))
     assert 2 <= done < 4
+    for stale in (".checkpoint.pt.x1y2.tmp", "replay/.steps_0000000300.pt.x1y2.tmp"):  # a kill -9 in a save
+        (run_dir / stale).write_bytes(b"partial")
     resumed = _train_cli("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"removed 2 temporary files of a killed save in {run_dir}" in resumed.stdout
     rows = _train_metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # nothing repeated, nothing lost
     assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 4 and checkpoint["env_steps"] == 400
     assert len(ReplayBuffer.load(run_dir / "replay")) == 400  # the dataset of an uninterrupted run
+    assert not list(run_dir.rglob("*.tmp"))
     assert (run_dir / "final_eval.json").is_file()
 
 
@@ -1721,7 +1726,7 @@ def test_train_reuse_freed_memory_stops_page_faults_of_large_tensors():
     assert faults[-1] < 1000
 
 
-# Every setting is range-checked before the disk is touched.
+# Runs are safe: every setting range-checked before the disk is touched, no overwrite, one writer, clean stops.
 
 INVALID_SETTINGS = [  # (field, a value out of its range) for every leaf field of IRISConfig; tiny preset otherwise
     ("game", 5), ("out", None), ("seed", -1), ("device", "gpu"), ("epochs", 0), ("epochs", -3),
@@ -1745,7 +1750,7 @@ INVALID_SETTINGS = [  # (field, a value out of its range) for every leaf field o
     ("env.frame_size", 84), ("env.frame_skip", 0), ("env.noop_max", -1), ("env.repeat_action_probability", 2.0),
     ("env.max_train_frames", 0), ("env.max_test_frames", 0),
 ]
-
+FAST_RUN = ["--game", "Pong", "--preset", "tiny", "--env.max_test_frames", "400", *TRAIN_FAST_EVAL]  # 100-step tests
 
 
 def test_train_invalid_settings_cover_every_config_field():
@@ -1772,3 +1777,92 @@ def test_train_refuses_an_invalid_setting_before_touching_the_disk(tmp_path, nam
     assert message.startswith("error: invalid config: ") and f"{name} = {value!r}" in message, message
     assert "allowed" in message or "divisible" in message or "divide" in message or "differs" in message, message
     assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_to_overwrite_a_run_unless_asked(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # an existing but empty folder is a new run's
+    command = [*FAST_RUN, "--epochs", "1", "--out", str(run_dir)]
+    assert _train_cli(*command).returncode == 0
+    (run_dir / "eval.json").write_text("{}")  # evaluate.py's file, and media of the first run: never to be mixed
+    (run_dir / "media" / "old.png").write_text("")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = _train_cli(*command, "--seed", "3")  # the same command again, as after a crash
+    assert proc.returncode == 1 and f"already holds a run: continue it with --resume {run_dir}" in proc.stderr
+    assert "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # untouched
+    proc = _train_cli(*command, "--seed", "3", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "media" / "old.png").exists()
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 3
+    assert (run_dir / "final_eval.json").is_file() and len(_train_metrics(run_dir)) == 1
+
+
+def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the test could act"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_train_a_second_process_is_refused_with_the_pid_of_the_first(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(TRAIN_REPO / "train.py"), *FAST_RUN, "--epochs", "3", "--out",
+                              str(run_dir)], cwd=TRAIN_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (run_dir / "config.json").is_file(), first)  # written once the lock is held
+        for args in (["--seed", "1", "--out", str(run_dir)], ["--out", str(run_dir), "--overwrite"]):
+            proc = _train_cli(*FAST_RUN, "--epochs", "3", *args)
+            assert proc.returncode == 1 and f"in use by another train.py (PID {first.pid})" in proc.stderr
+        _wait_for(lambda: (run_dir / "checkpoint.pt").is_file(), first)
+        proc = _train_cli("--resume", str(run_dir))
+        assert proc.returncode == 1 and f"(PID {first.pid})" in proc.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_train_stops_cleanly_on_a_signal_and_resumes(tmp_path, signum, code):
+    """Ctrl-C or a scheduler's SIGTERM mid-epoch: the last complete epoch stays on disk, whole, and one line says
+    how to go on; the epoch in progress is lost, and --resume redoes it."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(TRAIN_REPO / "train.py"), *FAST_RUN, "--epochs", "2", "--out",
+                             str(run_dir)], cwd=TRAIN_REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (run_dir / "metrics.csv").is_file(), proc)  # epoch 1 is saved; epoch 2 trains E and D
+    time.sleep(1)
+    proc.send_signal(signum)
+    sent = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 15  # within seconds
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr and "epoch 2 |" not in stdout
+    assert stderr.strip().splitlines()[-1] == (
+        f"{signal.Signals(signum).name}: stopped; epoch 1 of 2 is the last complete one (the epoch in progress is "
+        f"lost); resume with: python train.py --resume {run_dir}")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["env_steps"]) == (1, 100) and len(_train_metrics(run_dir)) == 1
+    assert len(ReplayBuffer.load(run_dir / "replay")) == 100  # no step of the lost epoch was saved
+    assert not list(run_dir.rglob("*.tmp"))
+    resumed = _train_cli("--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(r["env_steps"]) for r in _train_metrics(run_dir)] == [100, 200]
+    assert (run_dir / "final_eval.json").is_file()
+
+
+def test_train_defers_a_signal_during_a_save_and_a_second_one_forces_the_exit():
+    script = ("import os, signal, time, train\n"
+              "train.STOP['pid'] = os.getpid()\n"
+              "signal.signal(signal.SIGINT, train.on_signal)\n"
+              "with train.deferred_signals():\n"
+              "    print('saving', flush=True)\n"
+              "    time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=TRAIN_REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "saving\n"
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert proc.poll() is None  # the first Ctrl-C waits for the save
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 130

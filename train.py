@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -81,13 +84,14 @@ def training_loop(run: Run) -> None:
             with timed(metrics, "eval"):
                 metrics.update(evaluate_agent(run, cfg.eval_episodes))
                 save_media(run, epoch)
-        metrics["env_steps"] = len(run.replay)
-        run.epoch = epoch
-        run.history.append(metrics)
-        save_run(run)
-        print(summary_line(metrics), flush=True)
+        with deferred_signals():  # a stop waits for the save: the run on disk is never half-written
+            metrics["env_steps"] = len(run.replay)
+            run.epoch = epoch
+            run.history.append(metrics)
+            save_run(run)
+            print(summary_line(metrics), flush=True)
     final = evaluate_agent(run, cfg.final_eval_episodes)
-    with open(run.run_dir / "final_eval.json", "w") as f:
+    with deferred_signals(), open(run.run_dir / "final_eval.json", "w") as f:
         json.dump({"game": cfg.game, "episodes": cfg.final_eval_episodes, "env_steps": len(run.replay),
                    "mean_return": final["eval/return"], "returns": final["eval/returns"]}, f, indent=2)
     print(f"final evaluation over {cfg.final_eval_episodes} episodes: mean return {final['eval/return']:.2f}")
@@ -299,7 +303,42 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run directory: config.json, metrics.csv, checkpoint.pt and replay/, all written atomically
+# Run directory: config.json, metrics.csv, checkpoint.pt and replay/, all written atomically, locked, never mixed
+
+
+LOCK_FILE = ".lock"  # flock-ed by the process writing the run, which writes its PID in it
+STOP: dict[str, Any] = {"signal": None, "deferred": False, "pid": None}  # SIGINT/SIGTERM received, a save under way
+
+
+def on_signal(signum: int, frame: Any) -> None:
+    """SIGINT or SIGTERM: stop now, or right after the save under way; a second signal exits at once."""
+    if STOP["signal"] is not None or os.getpid() != STOP["pid"]:  # or in a forked env worker: it just ends
+        os._exit(128 + signum)
+    STOP["signal"] = signum
+    if not STOP["deferred"]:
+        raise KeyboardInterrupt  # main() turns it into one line
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """A SIGINT or SIGTERM received in the block stops the run when the block is done."""
+    STOP["deferred"] = True
+    try:
+        yield
+    finally:
+        STOP["deferred"] = False
+    if STOP["signal"] is not None:
+        raise KeyboardInterrupt
+
+
+def stop_line(run: Run | None, resumed: str | None) -> str:
+    """The one line printed on a stop: the last complete epoch and how to go on."""
+    name, saved = signal.Signals(STOP["signal"]).name, run.epoch if run else 0
+    if not (saved or resumed):
+        return f"{name}: stopped before the first epoch was saved; nothing to resume (start again with --overwrite)"
+    done = f"epoch {saved} of {run.config.epochs} is the last complete one" if run else "the run is unchanged"
+    return f"{name}: stopped; {done} (the epoch in progress is lost); resume with: python train.py --resume " + str(
+        run.run_dir if run else resumed)
 
 
 def save_run(run: Run) -> None:
@@ -323,15 +362,42 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def new_run(config: IRISConfig) -> Run:
+def open_run_dir(run_dir: Path, fresh: bool, overwrite: bool = False) -> None:
+    """Lock run_dir for the life of this process (an flock, which dies with the process: a kill -9 leaves no stale
+    lock); a fresh run refuses a folder that holds files unless overwrite clears it; remove a killed save's *.tmp."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(lock, 32).decode().strip() or "unknown"
+        os.close(lock)
+        raise RuntimeError(f"{run_dir} is in use by another train.py (PID {pid}); wait for it to end or stop it")
+    old = [path for path in run_dir.iterdir() if path.name != LOCK_FILE]
+    if fresh and old and not (overwrite and (run_dir / "config.json").is_file()):  # never clear a foreign folder
+        os.close(lock)
+        raise RuntimeError(f"{run_dir} holds files but no run (no config.json): choose a new --out" if overwrite else
+                           f"{run_dir} already holds a run: continue it with --resume {run_dir}, or choose a new "
+                           "--out (--overwrite deletes its files and starts afresh there)")
+    os.ftruncate(lock, 0)
+    os.write(lock, f"{os.getpid()}\n".encode())  # the lock stays held: this descriptor is never closed
+    stale = old if fresh else list(run_dir.rglob("*.tmp"))
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if stale:
+        print(f"removed {len(stale)} {'files of the old run' if fresh else 'temporary files of a killed save'} "
+              f"in {run_dir}")
+
+
+def new_run(config: IRISConfig, overwrite: bool = False) -> Run:
     config.game = canonical_game(config.game)
+    run_dir = Path(config.out or f"runs/{config.game}-{time.strftime('%Y%m%d-%H%M%S')}")
+    open_run_dir(run_dir, fresh=True, overwrite=overwrite)
     set_seed(config.seed)
     env = make_env(config.game, train=True, seed=config.seed, config=config.env)
     agent = Agent(config, int(env.action_space.n), pick_device(config.device))
     if config.tokenizer.perceptual_weight > 0:
         agent.tokenizer.perceptual_net()  # fail now, not at epoch 6, if VGG16's weights cannot be had
-    run_dir = Path(config.out or f"runs/{config.game}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "config.json", "w") as f:
         json.dump(asdict(config), f, indent=2)
     run = Run(config, agent, make_optimizers(agent, config), ReplayBuffer(device=agent.device), run_dir, env=env)
@@ -345,6 +411,7 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume in {run_dir}: it holds no checkpoint.pt "
                                 "(train.py writes one at the end of every epoch)")
+    open_run_dir(run_dir, fresh=False)
     checkpoint = load_checkpoint(path)
     config = config_from_dict(checkpoint["config"])
     if device:
@@ -371,10 +438,11 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
 def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help="delete the files of the run at --out, start afresh")
     add_config_flags(parser)
     args = parser.parse_args(argv)
     if args.resume:
-        unknown = set(config_overrides(args)) - {"device"}
+        unknown = set(config_overrides(args)) - {"device"} | ({"overwrite"} if args.overwrite else set())
         if unknown:
             parser.error(f"--resume continues a run with its stored config; drop {', '.join(sorted(unknown))}")
         return None, args
@@ -383,19 +451,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argpar
 
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
+    run = None
     try:
+        if not args.resume:
+            validate_config(config)  # before anything is written
+        STOP["pid"] = os.getpid()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
         if args.resume:
             run = resume_run(Path(args.resume), getattr(args, "device", None))
         else:
-            validate_config(config)  # before anything is written
-            run = new_run(config)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        sys.exit(f"error: {error}")
-    setup_process(run.config, run.agent.device)
-    print(f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
-          + " | ".join(f"{name} {sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6:.2f}M params"
-                       for name in COMPONENTS))
-    training_loop(run)
+            run = new_run(config, overwrite=args.overwrite)
+        setup_process(run.config, run.agent.device)
+        print(f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
+              + " | ".join(f"{name} {sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6:.2f}M "
+                           "params" for name in COMPONENTS))
+        training_loop(run)
+    except BaseException as error:
+        if STOP["signal"] is not None:  # the stop, or an error it caused (in an env worker it ended)
+            print(stop_line(run, args.resume), file=sys.stderr)
+            sys.exit(128 + STOP["signal"])
+        if run is None and isinstance(error, ValueError | FileNotFoundError | RuntimeError):
+            sys.exit(f"error: {error}")
+        raise
 
 
 if __name__ == "__main__":
