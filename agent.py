@@ -16,7 +16,7 @@ import dataclasses
 import os
 import random
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -129,6 +129,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked, with a message that says what to do."""
 
 
+class ConfigError(ValueError):
+    """A config field out of its range, named with its value and what is allowed."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The agent: the world model (E, D, G) and the policy π with its value V
 
@@ -138,13 +142,12 @@ class Agent(torch.nn.Module):
 
     def __init__(self, config: IRISConfig, num_actions: int, device: str | torch.device = "cpu"):
         super().__init__()
+        validate_config(config)
         self.config, self.num_actions = config, num_actions
         self.tokenizer = Tokenizer(config.tokenizer)
         tokens = dict(vocab_size=config.tokenizer.vocab_size, tokens_per_frame=config.tokenizer.tokens_per_frame)
         self.world_model = WorldModel(config.world_model, num_actions=num_actions, **tokens)
         self.actor_critic = ActorCritic(config.actor_critic, num_actions)
-        if config.bf16 not in BF16_MODES:
-            raise ValueError(f"bf16 must be one of {', '.join(BF16_MODES)}, got {config.bf16!r}")
         self.to(device)
         if config.channels_last:  # copies keep this layout: load_state_dict writes into these tensors
             self.tokenizer.to(memory_format=torch.channels_last)
@@ -296,6 +299,21 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def setup_process(config: IRISConfig, device: torch.device) -> None:
@@ -685,3 +703,100 @@ def check_extra_values(state_dict: Mapping, num_actions: int) -> None:
     for key, value in extra_values(num_actions).items():
         if "lpips" not in key and not torch.equal(state_dict[key].to(value.dtype), value):
             refuse(f"{key} is not the paper config's (causal attention over L(K+1) = 340 tokens, K = 16)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation: the range of every field, in one place, checked before a run touches the disk
+
+
+def _is_device(name: str) -> bool:
+    try:
+        return name == "auto" or torch.device(name).type in ("cpu", "cuda", "mps")
+    except RuntimeError:
+        return False
+
+
+AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+POSITIVE = (lambda v: 0 < v < float("inf"), "> 0")
+PROBABILITY = (lambda v: 0 <= v <= 1, "0 to 1")
+BELOW_1 = (lambda v: 0 <= v < 1, "0 <= value < 1")
+SIZES = (lambda v: all(n >= 1 for n in v), "integers >= 1")
+# Fields absent here (game, out and the booleans) are only type-checked; game is checked by env.canonical_game.
+CONFIG_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: 0 <= v < 2**32, "0 to 2**32 - 1"), "device": (_is_device, "auto, cpu, cuda, cuda:N or mps"),
+    **dict.fromkeys(["epochs", "collection_epochs", "env_steps_per_epoch", "training_steps_per_epoch",
+                     "tokenizer_batch_size", "world_model_batch_size", "actor_critic_batch_size", "eval_every",
+                     "eval_episodes", "final_eval_episodes", "eval_envs", "media_trajectories", "encode_batch_size",
+                     "tokenizer.resolution", "tokenizer.ch", "tokenizer.num_res_blocks", "tokenizer.z_channels",
+                     "tokenizer.vocab_size", "tokenizer.embed_dim", "tokenizer.num_groups",
+                     "world_model.max_timesteps", "world_model.embed_dim", "world_model.num_layers",
+                     "world_model.num_heads", "actor_critic.lstm_dim", "actor_critic.imagination_horizon",
+                     "env.frame_skip", "env.max_train_frames", "env.max_test_frames"], AT_LEAST_1),
+    **dict.fromkeys(["start_tokenizer_after_epochs", "start_world_model_after_epochs",
+                     "start_actor_critic_after_epochs", "tokenizer.perceptual_weight", "world_model.weight_decay",
+                     "actor_critic.burn_in", "actor_critic.entropy_weight", "env.noop_max"], AT_LEAST_0),
+    **dict.fromkeys(["collect_temperature", "eval_temperature", "learning_rate", "max_grad_norm"], POSITIVE),
+    **dict.fromkeys(["collect_epsilon", "actor_critic.lam", "env.repeat_action_probability"], PROBABILITY),
+    **dict.fromkeys(["adam_beta1", "adam_beta2", "tokenizer.dropout", "world_model.embed_dropout",
+                     "world_model.attn_dropout", "world_model.resid_dropout"], BELOW_1),
+    "bf16": (lambda v: v in BF16_MODES, " or ".join(BF16_MODES)),
+    "tokenizer.in_channels": (lambda v: v == 3, "3 (RGB frames)"),
+    "tokenizer.ch_mult": (lambda v: len(v) >= 1 and SIZES[0](v), "one or more integers >= 1"),
+    "tokenizer.attn_resolutions": SIZES,
+    "world_model.reward_loss": (lambda v: v in ("ce", "mse"), "ce or mse"),
+    "actor_critic.conv_channels": (lambda v: 1 <= len(v) <= 6 and SIZES[0](v), "1 to 6 integers >= 1"),
+    "actor_critic.gamma": (lambda v: 0 < v <= 1, "0 < γ <= 1"),
+    "env.frame_size": (lambda v: v == 64, "64 (the models take 64 x 64 frames, Table 2)"),
+}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, type(default))
+
+
+def validate_config(config: IRISConfig) -> None:
+    """Raise ConfigError naming every field out of range (its value and what is allowed), then the cross-field
+    constraints. Called when an Agent is built and by train.py before a run directory is created."""
+    problems = []
+    for name, default in flat_fields(IRISConfig()).items():
+        value = flat_value(config, name)
+        if not _type_ok(value, default):
+            problems.append(f"{name} = {value!r} is not a {type(default).__name__}")
+        elif name in CONFIG_RANGES and not CONFIG_RANGES[name][0](value):
+            problems.append(f"{name} = {value!r}, allowed: {CONFIG_RANGES[name][1]}")
+    if not problems:
+        problems = cross_field_problems(config)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def cross_field_problems(config: IRISConfig) -> list[str]:
+    tok, wm = config.tokenizer, config.world_model
+    levels = 2 ** (len(tok.ch_mult) - 1)  # E halves the resolution between levels
+    # collection_epochs > epochs is allowed: it collects every epoch (--preset tiny --epochs 4).
+    checks = [
+        (tok.resolution == config.env.frame_size,
+         f"tokenizer.resolution = {tok.resolution} differs from env.frame_size = {config.env.frame_size}"),
+        (tok.resolution % levels == 0, f"tokenizer.ch_mult = {tok.ch_mult!r} halves the frame {len(tok.ch_mult) - 1} "
+                                       f"times: tokenizer.resolution = {tok.resolution} is not divisible by {levels}"),
+        (wm.embed_dim % wm.num_heads == 0,
+         f"world_model.embed_dim = {wm.embed_dim} is not divisible by world_model.num_heads = {wm.num_heads}"),
+    ]
+    for channels in sorted({tok.ch * mult for mult in tok.ch_mult}):
+        checks.append((channels % min(tok.num_groups, channels) == 0,
+                       f"tokenizer.num_groups = {tok.num_groups} does not divide the {channels} channels of "
+                       "tokenizer.ch x tokenizer.ch_mult (GroupNorm)"))
+    return [message for ok, message in checks if not ok]
+
+
+def flat_value(config: Any, name: str) -> Any:
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config

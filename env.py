@@ -127,7 +127,8 @@ def make_env(game: str, train: bool = True, seed: int | None = None, config: Env
                    max_episode_steps=max_frames, disable_env_checker=True)
     # Differs from the reference code: it resizes each frame with PIL bilinear, then takes the max over the
     # last two 64x64 frames; AtariPreprocessing takes the max at full resolution, then resizes (cv2 INTER_AREA).
-    env = AtariPreprocessing(env, noop_max=config.noop_max if train else config.test_noop_max, frame_skip=config.frame_skip,
+    noop_max = config.noop_max if train else config.test_noop_max
+    env = AtariPreprocessing(env, noop_max=noop_max, frame_skip=config.frame_skip,
                              screen_size=config.frame_size, terminal_on_life_loss=False, grayscale_obs=False)
     if train:
         env = EpisodicLife(env)

@@ -134,13 +134,13 @@ def tokenizer_metrics(tokenizer: Tokenizer, frames: torch.Tensor, median: torch.
 
 def save_reconstructions(tokenizer: Tokenizer, frames: torch.Tensor, path: Path) -> None:
     """PNG: held-out frames (top row) above D(E(x)) (bottom row)."""
-    import matplotlib.pyplot as plt
+    from PIL import Image
 
     _, x_hat = reconstruct(tokenizer, frames)
     rows = torch.stack([to_unit(frames), x_hat])  # (2, B, 3, 64, 64)
     grid = rows.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (2*64, B*64, 3)
     grid = grid.repeat_interleave(PICTURE_SCALE, 0).repeat_interleave(PICTURE_SCALE, 1)
-    plt.imsave(path, grid.clamp(0, 1).numpy())
+    Image.fromarray(grid.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()).save(path)
 
 
 def picture_frames(buffer: ReplayBuffer, median: torch.Tensor, count: int) -> torch.Tensor:

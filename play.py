@@ -6,7 +6,7 @@
     python play.py RUN_DIR --dream --record dream.mp4 --steps 300    # headless: an MP4 or a GIF, no window
 
 Under the frames: the policy's probabilities π(a | x̂_≤t) at the sampling temperature, the value V(x̂_t) and the
-episode's return so far. A dream starts from a real frame x_0 (from the run's replay.pt if there is one, else from
+episode's return so far. A dream starts from a real frame x_0 (from the run's dataset replay/ if there is one, else from
 a real env after a reset and a few random steps); the LSTM state is burnt in on the real frames before x_0
 (Appendix A.3), then G samples r̂_t, d̂_t and ẑ_{t+1} (Section 2.2). As in Figure 4, a yellow box marks a predicted
 positive reward and a red box a predicted end. After a predicted end, or --horizon steps, the dream starts over
@@ -179,13 +179,13 @@ class Watch:
 
 
 class StartFrames:
-    """Real segments of burn_in + 1 frames whose last one is x_0: from the run's replay.pt, else from a real env."""
+    """Real segments of burn_in + 1 frames whose last one is x_0: from the run's dataset, else from a real env."""
 
     def __init__(self, agent: Agent, game: str, run_dir: Path, seed: int) -> None:
         self.length, self.device = agent.config.actor_critic.burn_in + 1, agent.device
         self.rng = np.random.default_rng(seed)
-        path = run_dir / "replay.pt"
-        self.replay = ReplayBuffer.load(path) if path.is_file() else None
+        path = run_dir / "replay"  # the dataset train.py writes beside checkpoint.pt
+        self.replay = ReplayBuffer.load(path) if path.is_dir() else None
         self.env = None if self.replay is not None else make_env(game, seed=seed, config=agent.config.env)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +368,7 @@ def make_player(agent: Agent, mode: str, run_dir: Path, seed: int, temperature: 
     policy = Policy(agent, temperature, seed)
     if mode == "watch":
         return Watch(agent, agent.config.game, policy, seed)
-    run_dir = run_dir if run_dir.is_dir() else run_dir.parent  # a checkpoint file: its replay.pt is beside it
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent  # a checkpoint file: its replay/ is beside it
     return Dream(agent, StartFrames(agent, agent.config.game, run_dir, seed), policy, horizon)
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-FILE_FORMAT = "iris-replay-v1"
+FILE_FORMAT = "iris-replay-v1"  # a chunk: the steps from `start` on (0 if absent: a whole dataset in one file)
+CHUNK_NAME = "steps_{:010d}.pt"  # chunk files in a dataset folder, named by their first step
 FIELDS = ("observations", "actions", "rewards", "ends")  # x_t, a_t, r_t, d_t
 DTYPES = {"observations": torch.uint8, "actions": torch.int64, "rewards": torch.float32, "ends": torch.bool}
 
@@ -57,6 +58,8 @@ class ReplayBuffer:
         self._episode_starts: list[int] = []  # index of each episode's first step
         self._episode_open = False  # the last episode is still being collected
         self._starts_tensor: torch.Tensor | None = None  # (E,) cache of _episode_starts on self.device
+        self._saved_to: Path | None = None  # the folder the first _saved steps are saved in (save appends to it)
+        self._saved = 0
 
     # ---------------------------------------------------------------------------------------------------------
     # Filling
@@ -114,6 +117,8 @@ class ReplayBuffer:
             self._episode_starts = [s for s in self._episode_starts if s < num_steps]
             self._starts_tensor = None
             self._size = num_steps
+            if num_steps < self._saved:  # the saved chunks run past the cut: the next save writes them all anew
+                self._saved_to, self._saved = None, 0
 
     def _to_chw(self, obs: np.ndarray | torch.Tensor) -> torch.Tensor:
         frame = torch.as_tensor(obs)
@@ -208,51 +213,102 @@ class ReplayBuffer:
         return frames.to(device) if device is not None else frames
 
     # ---------------------------------------------------------------------------------------------------------
-    # Saving and loading: only the filled part, with a checksum per field, written atomically
+    # Saving and loading: a folder of chunk files, each appended once, atomically, with a checksum per field
 
     def save(self, path: str | Path) -> None:
+        """Write the steps added since the last save to the folder `path` as one new chunk file (all steps when the
+        buffer was never saved there): the cost is the new steps only, and what was saved before is never opened.
+
+        After a resume that dropped steps, the chunk named by its first step replaces the one on disk holding the
+        same steps first (os.replace is atomic); chunks past it, which no checkpoint names, are then deleted.
+        """
+        path = Path(path)
+        start = self._saved if path == self._saved_to else 0
+        if start == self._size and path == self._saved_to:
+            return  # no new step (epochs after the collection epochs)
+        path.mkdir(parents=True, exist_ok=True)
         # A copy: torch.save writes a view's whole storage, preallocated slack included.
-        data = {name: t[: self._size].to("cpu", copy=True) for name, t in self._data.items()}
-        atomic_save({"format": FILE_FORMAT, "obs_shape": list(self.obs_shape), **data,
-                     "episode_starts": torch.tensor(self._episode_starts, dtype=torch.int64),
-                     "episode_open": self._episode_open,
-                     "crc32": {name: _crc32(t) for name, t in data.items()}}, path)
+        data = {name: t[start: self._size].to("cpu", copy=True) for name, t in self._data.items()}
+        starts = [s for s in self._episode_starts if s >= start]
+        atomic_save({"format": FILE_FORMAT, "obs_shape": list(self.obs_shape), "start": start, **data,
+                     "episode_starts": torch.tensor(starts, dtype=torch.int64), "episode_open": self._episode_open,
+                     "crc32": {name: _crc32(t) for name, t in data.items()}}, path / CHUNK_NAME.format(start))
+        for chunk in _chunk_files(path):
+            if _chunk_start(chunk) > start:
+                chunk.unlink()
+        self._saved_to, self._saved = path, self._size
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", chunk_size: int = 10_000) -> ReplayBuffer:
-        """The dataset saved at path; a missing, truncated or corrupt file raises an error naming it."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", chunk_size: int = 10_000,
+             num_steps: int | None = None) -> ReplayBuffer:
+        """The dataset saved in the folder path (or the single file of iris-replay-v1), its first num_steps steps if
+        given (the steps a checkpoint names: chunks past them are not read). A missing, truncated or corrupt chunk
+        among those read raises an error naming it."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no replay file at {path}")
-        try:
-            # mmap: the frames are read from the file straight into the new buffer, not held twice in memory.
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # torch raises several types for a truncated or foreign file
-            raise ValueError(f"replay file {path} is truncated or corrupt and was not loaded ({error})") from error
-        try:
-            problem = _check_state(state)
-        except Exception as error:  # a field of the wrong type, a missing checksum...
-            problem = f"malformed content ({error!r})"
-        if problem:
-            raise ValueError(f"replay file {path} is corrupt and was not loaded: {problem}")
-        buffer = cls(tuple(state["obs_shape"]), chunk_size=chunk_size, device=device)
-        size = len(state["actions"])
+        if not path.exists():
+            raise FileNotFoundError(f"no replay folder or file at {path}")
+        states, size = [], 0
+        for file in _chunk_files(path) if path.is_dir() else [path]:
+            if num_steps is not None and size >= num_steps:
+                break
+            state = _read_chunk(file)
+            shape = states[0]["obs_shape"] if states else state["obs_shape"]
+            if state.get("start", 0) != size or list(state["obs_shape"]) != list(shape):
+                raise ValueError(f"replay chunk {file} does not follow the {size} steps before it: "
+                                 "a chunk is missing or foreign")
+            states.append(state)
+            size += len(state["actions"])
+        if num_steps is not None and size < num_steps:
+            raise ValueError(f"the replay at {path} holds {size} steps, fewer than the {num_steps} asked for")
+        buffer = cls(tuple(states[0]["obs_shape"]) if states else (3, 64, 64), chunk_size=chunk_size, device=device)
         if size:
             buffer._grow(size)
-        for name in FIELDS:
-            buffer._data[name][:size] = state[name]
+        for state in states:
+            start, stop = state.get("start", 0), state.get("start", 0) + len(state["actions"])
+            for name in FIELDS:
+                buffer._data[name][start:stop] = state[name]
+            buffer._episode_starts += state["episode_starts"].tolist()
         buffer._size = size
-        buffer._episode_starts = state["episode_starts"].tolist()
-        buffer._episode_open = bool(state["episode_open"])
+        buffer._episode_open = bool(states[-1]["episode_open"]) if states else False
+        if size and buffer._episode_starts[:1] != [0]:
+            raise ValueError(f"replay at {path} is corrupt and was not loaded: its first step starts no episode")
+        if path.is_dir():  # the next save appends after the last whole chunk kept
+            bounds = [state["start"] for state in states] + [size]
+            buffer._saved_to, buffer._saved = path, max(b for b in bounds if b <= min(size, num_steps or size))
+        if num_steps is not None:
+            buffer.truncate(num_steps)
         return buffer
 
 
+def _chunk_files(path: Path) -> list[Path]:
+    return sorted(path.glob(CHUNK_NAME.replace("{:010d}", "*")), key=_chunk_start)
+
+
+def _chunk_start(path: Path) -> int:
+    return int(path.stem.split("_")[-1])
+
+
+def _read_chunk(path: Path) -> dict[str, Any]:
+    try:
+        # mmap: the frames are read from the file straight into the new buffer, not held twice in memory.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"replay file {path} is truncated or corrupt and was not loaded ({error})") from error
+    try:
+        problem = _check_state(state)
+    except Exception as error:  # a field of the wrong type, a missing checksum...
+        problem = f"malformed content ({error!r})"
+    if problem:
+        raise ValueError(f"replay file {path} is corrupt and was not loaded: {problem}")
+    return state
+
+
 def _check_state(state: Any) -> str:
-    """What is wrong with a loaded file's content, or '' if nothing is."""
+    """What is wrong with a loaded chunk's content, or '' if nothing is."""
     keys = {"format", "obs_shape", "episode_starts", "episode_open", "crc32", *FIELDS}
     if not isinstance(state, dict) or not keys <= state.keys() or state["format"] != FILE_FORMAT:
         return f"not an {FILE_FORMAT} file"
-    size = len(state["actions"])
+    size, start = len(state["actions"]), state.get("start", 0)
     if tuple(state["observations"].shape[1:]) != tuple(state["obs_shape"]):
         return f"frames of shape {tuple(state['observations'].shape[1:])}, expected {tuple(state['obs_shape'])}"
     for name in FIELDS:
@@ -262,6 +318,6 @@ def _check_state(state: Any) -> str:
         if _crc32(t) != state["crc32"][name]:
             return f"checksum mismatch in {name}"
     starts = state["episode_starts"]
-    valid = len(starts) == 0 if size == 0 else (len(starts) > 0 and starts[0] == 0 and bool(
-        (starts[1:] > starts[:-1]).all()) and starts[-1] < size)
+    valid = len(starts) == 0 or (starts[0] >= start and bool((starts[1:] > starts[:-1]).all())
+                                 and starts[-1] < start + size)
     return "" if valid else "inconsistent episode boundaries"

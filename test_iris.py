@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -280,10 +281,10 @@ def test_replay_last_frames_of_the_open_episode_left_padded():
 
 def test_replay_save_load_round_trip(tmp_path):
     buffer = _filled_buffer([5, 9, 4], chunk_size=1000)
-    path = tmp_path / "replay.pt"
+    path = tmp_path / "replay"
     buffer.save(path)
-    assert path.stat().st_size < 100 * 3 * 64 * 64  # the filled part only, not the preallocated 1000 steps
-    assert [p.name for p in tmp_path.iterdir()] == ["replay.pt"]  # no temporary file left behind
+    assert [p.name for p in path.iterdir()] == ["steps_0000000000.pt"]  # no temporary file left behind
+    assert (path / "steps_0000000000.pt").stat().st_size < 100 * 3 * 64 * 64  # the filled part, not 1000 steps
     loaded = ReplayBuffer.load(path)
     assert len(loaded) == 18 and loaded.episode_lengths == [5, 9, 4]
     for name in ("observations", "actions", "rewards", "ends"):
@@ -293,19 +294,62 @@ def test_replay_save_load_round_trip(tmp_path):
 
 
 def test_replay_truncated_or_corrupt_file_is_refused(tmp_path):
-    path = tmp_path / "replay.pt"
-    _filled_buffer([30, 20]).save(path)
+    buffer = _filled_buffer([30, 20])
+    buffer.save(tmp_path)
+    buffer.add(_frame(50), 0, 0.0, False)
+    buffer.save(tmp_path)
+    last = tmp_path / "steps_0000000050.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="steps_0000000050.pt"):
+        ReplayBuffer.load(tmp_path)
+    assert len(ReplayBuffer.load(tmp_path, num_steps=50)) == 50  # the steps a checkpoint names are intact
+    last.write_bytes(data)
+    path = tmp_path / "steps_0000000000.pt"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="replay.pt"):
-        ReplayBuffer.load(path)
     corrupt = bytearray(data)
     corrupt[len(data) // 2] ^= 0xFF  # one byte of the stored frames, which fill most of the file
     path.write_bytes(bytes(corrupt))
-    with pytest.raises(ValueError, match="replay.pt"):
-        ReplayBuffer.load(path)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        ReplayBuffer.load(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="steps_0000000000.pt"):
+        ReplayBuffer.load(tmp_path, num_steps=50)
+    path.unlink()
+    with pytest.raises(ValueError, match="steps_0000000050.pt does not follow .* chunk is missing"):
+        ReplayBuffer.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ReplayBuffer.load(tmp_path / "missing")
+
+
+def test_replay_save_appends_only_the_new_steps(tmp_path):
+    """Each save writes one chunk file with the steps added since the last one; earlier chunks are never rewritten.
+    A resumed buffer (cut to the steps of its checkpoint) replaces the chunk past the cut, then deletes later ones."""
+    buffer = _filled_buffer([30, 20])
+    buffer.save(tmp_path)
+    first = tmp_path / "steps_0000000000.pt"
+    written = first.stat().st_mtime_ns, first.stat().st_ino
+    for step in range(50, 60):
+        buffer.add(_frame(step), 0, 0.0, False)
+    buffer.save(tmp_path)
+    buffer.save(tmp_path)  # no new step: nothing written
+    buffer.add(_frame(60), 1, 1.0, True)
+    buffer.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "steps_0000000000.pt", "steps_0000000050.pt", "steps_0000000060.pt"]
+    assert (first.stat().st_mtime_ns, first.stat().st_ino) == written
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    step_bytes = 3 * 64 * 64 + 8 + 4 + 1  # x_t, a_t, r_t, d_t: each chunk grows with its new steps only
+    assert sizes["steps_0000000050.pt"] - sizes["steps_0000000060.pt"] == pytest.approx(9 * step_bytes, rel=0.02)
+    assert sizes["steps_0000000000.pt"] - sizes["steps_0000000050.pt"] == pytest.approx(40 * step_bytes, rel=0.02)
+    loaded = ReplayBuffer.load(tmp_path)
+    assert len(loaded) == 61 and loaded.episode_lengths == [30, 31]
+    for name in ("observations", "actions", "rewards", "ends"):
+        assert torch.equal(loaded._data[name][:61], buffer._data[name][:61])
+    resumed = ReplayBuffer.load(tmp_path, num_steps=55)  # a checkpoint of 55 steps: the last chunk is not read
+    assert len(resumed) == 55 and resumed.episode_lengths == [30, 25]
+    resumed.add(_frame(99), 2, 0.0, True)
+    resumed.save(tmp_path)  # steps 50 to 55 again, then the new one; the chunk of step 60 no checkpoint names goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps_0000000000.pt", "steps_0000000050.pt"]
+    again = ReplayBuffer.load(tmp_path)
+    assert len(again) == 56 and again.episode_lengths == [30, 26] and again._data["actions"][55] == 2
 
 
 def test_replay_holds_real_breakout_steps():
@@ -1162,9 +1206,6 @@ def test_actor_critic_imagine_skips_padded_burn_in():
 # ---------------------------------------------------------------------------------------------------------------------
 
 EVALUATE_REPO = Path(__file__).resolve().parent
-EVALUATE_SHARED_SCORES = EVALUATE_REPO.parent / "shared" / "reference-scores"
-
-
 def _evaluate_iris_hns() -> dict[str, np.ndarray]:
     scores = evaluate.load_reference_scores()
     return {game: evaluate.human_normalized(runs, game, scores)[0] for game, runs in scores["iris"].items()}
@@ -1198,16 +1239,6 @@ def test_evaluate_paper_table1_per_game_iris_scores():
     table1 = {"Alien": 420.0, "Breakout": 83.7, "Pong": 14.6, "KungFuMaster": 21759.8, "UpNDown": 3546.2}
     for game, score in table1.items():
         assert round(float(np.mean(iris[game])), 1) == score
-
-
-@pytest.mark.skipif(not EVALUATE_SHARED_SCORES.is_dir(), reason="the authors' result files are not beside the repo")
-def test_evaluate_shipped_scores_match_authors_files():
-    scores = evaluate.load_reference_scores()
-    for name, table in (("RANDOM", "random"), ("HUMAN", "human"), ("IRIS", "iris")):
-        published = json.loads((EVALUATE_SHARED_SCORES / f"{name}.json").read_text())
-        for game, values in published.items():
-            expected = values if table == "iris" else values[0]
-            assert scores[table][game] == pytest.approx(expected)
 
 
 def test_evaluate_iqm_hand_example():
@@ -1371,6 +1402,21 @@ def test_evaluate_end_to_end_pong(evaluate_tiny_pong_run):
         assert gif.size == (2 * 64 * 2, 64 * 2) and gif.n_frames > 100  # real frame | agent's view, x2
 
 
+def test_evaluate_record_mp4_decodes_to_every_frame(tmp_path):
+    """--record-format mp4: the real frame beside x̂ = D(E(x)), one video frame per step, through OpenCV."""
+    import cv2
+
+    tokenizer = Tokenizer(TokenizerConfig(**SMALL, perceptual_weight=0.0)).eval()
+    frames = list(random_frames(5).permute(0, 2, 3, 1).numpy())  # 5 real frames (64, 64, 3) uint8
+    config = evaluate.EvalConfig(record_format="mp4")
+    path = evaluate.save_video(frames, tokenizer, tmp_path / "best_episode.mp4", config)
+    video = cv2.VideoCapture(str(path))
+    decoded = []
+    while (image := video.read()[1]) is not None:
+        decoded.append(image)
+    assert len(decoded) == 5 and decoded[0].shape == (64 * config.record_scale, 128 * config.record_scale, 3)
+
+
 def test_evaluate_end_to_end_refuses_other_game_and_run(evaluate_tiny_pong_run, tmp_path):
     proc = _evaluate_cli(str(evaluate_tiny_pong_run), "--game", "Breakout", "--episodes", "1")
     assert proc.returncode != 0 and "trained on Pong, not Breakout" in proc.stderr
@@ -1422,7 +1468,9 @@ def test_evaluate_aggregate_cli_reproduces_paper(tmp_path):
 
 TRAIN_REPO = Path(__file__).resolve().parent
 # Short evaluations: a Pong game lasts ~900 agent steps even for a hopeless agent.
-TRAIN_FAST_EVAL = ["--eval_episodes", "1", "--final_eval_episodes", "1", "--eval_envs", "1"]
+# One test episode of at most 100 steps (400 frames), not a whole Pong game: evaluate.py's tests play whole games.
+TRAIN_FAST_EVAL = ["--eval_episodes", "1", "--final_eval_episodes", "1", "--eval_envs", "1",
+                   "--env.max_test_frames", "400"]
 
 
 def _train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -1490,8 +1538,12 @@ def train_tiny_run(tmp_path_factory):
 
 def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     run_dir, proc = train_tiny_run
-    for name in ["config.json", "metrics.csv", "checkpoint.pt", "replay.pt", "final_eval.json"]:
+    for name in ["config.json", "metrics.csv", "checkpoint.pt", "final_eval.json"]:
         assert (run_dir / name).is_file(), name
+    # The dataset is appended to: each epoch's save wrote one chunk of its 100 new steps, never the whole dataset.
+    chunks = sorted((run_dir / "replay").iterdir())
+    assert [p.name for p in chunks] == [f"steps_{100 * k:010d}.pt" for k in range(6)]
+    assert max(p.stat().st_size for p in chunks) < 1.01 * min(p.stat().st_size for p in chunks)
     assert sorted(p.name for p in (run_dir / "media").iterdir()) == [
         "imagination_epoch0005.gif", "imagination_epoch0006.gif",
         "reconstructions_epoch0005.png", "reconstructions_epoch0006.png"]
@@ -1532,7 +1584,7 @@ def test_train_checkpoint_loads_into_a_fresh_agent_that_acts(train_tiny_run):
         assert action.shape == (1,) and 0 <= action[0] < env.action_space.n
         obs, *_ = env.step(int(action[0]))
         first = np.array([False])
-    assert len(ReplayBuffer.load(run_dir / "replay.pt")) == 600
+    assert len(ReplayBuffer.load(run_dir / "replay")) == 600
 
 
 def test_train_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path):
@@ -1550,14 +1602,18 @@ def test_train_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path):
     proc.wait()
     done = len(_train_metrics(run_dir))
     assert 2 <= done < 4
+    for stale in (".checkpoint.pt.x1y2.tmp", "replay/.steps_0000000300.pt.x1y2.tmp"):  # a kill -9 in a save
+        (run_dir / stale).write_bytes(b"partial")
     resumed = _train_cli("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"removed 2 temporary files of a killed save in {run_dir}" in resumed.stdout
     rows = _train_metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # nothing repeated, nothing lost
     assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 4 and checkpoint["env_steps"] == 400
-    assert len(ReplayBuffer.load(run_dir / "replay.pt")) == 400  # the dataset of an uninterrupted run
+    assert len(ReplayBuffer.load(run_dir / "replay")) == 400  # the dataset of an uninterrupted run
+    assert not list(run_dir.rglob("*.tmp"))
     assert (run_dir / "final_eval.json").is_file()
 
 
@@ -2124,7 +2180,7 @@ def test_play_dream_starts_from_the_runs_replay_frames(evaluate_tiny_pong_run, t
     frames, replay = pong_frames(6, every=2), ReplayBuffer()
     for t, frame in enumerate(frames):
         replay.add(frame, action=0, reward=0.0, terminated=t == len(frames) - 1)
-    replay.save(run_dir / "replay.pt")
+    replay.save(run_dir / "replay")
     dream = play.make_player(_play_agent(run_dir), "dream", run_dir, seed=0, temperature=1.0, horizon=1)
     assert dream.starts.env is None  # no real env: every x_0 is a stored frame
     for _ in range(3):
@@ -2144,3 +2200,143 @@ def test_play_errors_say_what_to_do(evaluate_tiny_pong_run, tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         play.main([str(evaluate_tiny_pong_run), "--human", "--record", str(tmp_path / "x.mp4")])
     assert "--human needs you at the keyboard" in capsys.readouterr().err
+# Runs are safe: every setting range-checked before the disk is touched, no overwrite, one writer, clean stops.
+
+INVALID_SETTINGS = [  # (field, a value out of its range) for every leaf field of IRISConfig; tiny preset otherwise
+    ("game", 5), ("out", None), ("seed", -1), ("device", "gpu"), ("epochs", 0), ("epochs", -3),
+    ("collection_epochs", 0), ("env_steps_per_epoch", 0), ("training_steps_per_epoch", 0), ("collect_epsilon", 5.0),
+    ("collect_temperature", 0.0), ("eval_temperature", -1.0), ("start_tokenizer_after_epochs", -1),
+    ("start_world_model_after_epochs", -1), ("start_actor_critic_after_epochs", -1), ("tokenizer_batch_size", 0),
+    ("world_model_batch_size", -5), ("actor_critic_batch_size", 0), ("learning_rate", 0.0), ("adam_beta1", 1.0),
+    ("adam_beta2", -0.1), ("max_grad_norm", 0.0), ("eval_every", 0), ("eval_episodes", 0),
+    ("final_eval_episodes", 0), ("eval_envs", 0), ("media_trajectories", 0), ("cache_tokens", 1),
+    ("encode_batch_size", 0), ("bf16", "sometimes"), ("fused_adam", "yes"), ("channels_last", 0),
+    ("reuse_freed_memory", None), ("tokenizer.resolution", 60), ("tokenizer.in_channels", 1), ("tokenizer.ch", 0),
+    ("tokenizer.ch_mult", ()), ("tokenizer.ch_mult", (1,) * 8), ("tokenizer.num_res_blocks", 0),
+    ("tokenizer.attn_resolutions", (0,)), ("tokenizer.z_channels", 0), ("tokenizer.vocab_size", 0),
+    ("tokenizer.embed_dim", 0), ("tokenizer.dropout", 1.0), ("tokenizer.num_groups", 3),
+    ("tokenizer.perceptual_weight", -1.0), ("tokenizer.pretrained_vgg", "no"), ("world_model.max_timesteps", 0),
+    ("world_model.embed_dim", 65), ("world_model.num_layers", 0), ("world_model.num_heads", 3),
+    ("world_model.embed_dropout", 1.5), ("world_model.attn_dropout", -0.1), ("world_model.resid_dropout", 1.0),
+    ("world_model.weight_decay", -0.01), ("world_model.reward_loss", "l1"), ("actor_critic.conv_channels", (8,) * 7),
+    ("actor_critic.lstm_dim", 0), ("actor_critic.burn_in", -1), ("actor_critic.imagination_horizon", 0),
+    ("actor_critic.gamma", 2.0), ("actor_critic.lam", 1.5), ("actor_critic.entropy_weight", -0.001),
+    ("env.frame_size", 84), ("env.frame_skip", 0), ("env.noop_max", -1), ("env.repeat_action_probability", 2.0),
+    ("env.max_train_frames", 0), ("env.max_test_frames", 0),
+]
+FAST_RUN = ["--game", "Pong", "--preset", "tiny", *TRAIN_FAST_EVAL]
+
+
+def test_train_invalid_settings_cover_every_config_field():
+    assert {name for name, _ in INVALID_SETTINGS} == set(agent_lib.flat_fields(agent_lib.IRISConfig()))
+
+
+@pytest.mark.parametrize("name, value", INVALID_SETTINGS, ids=[f"{n}={v!r}" for n, v in INVALID_SETTINGS])
+def test_train_refuses_an_invalid_setting_before_touching_the_disk(tmp_path, name, value):
+    """The message names the field, its value and what is allowed; flags are refused by train.main before the run
+    directory exists, values no flag can give (a bool field set to 1, an edited config.json) by validate_config."""
+    default = agent_lib.flat_fields(agent_lib.IRISConfig())[name]
+    if isinstance(default, bool) or name in ("game", "out"):
+        config = train.parse_args(["--preset", "tiny"])[0]
+        agent_lib.set_field(config, name, value)
+        with pytest.raises(agent_lib.ConfigError, match="invalid config: .*" + name):
+            agent_lib.validate_config(config)
+        with pytest.raises(agent_lib.ConfigError, match=name):
+            agent_lib.Agent(config, num_actions=6)
+        return
+    text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    with pytest.raises(SystemExit) as exit_info:  # an unknown game too: a value let through never starts a run
+        train.main(["--preset", "tiny", "--game", "Pongg", "--out", str(tmp_path / "run"), f"--{name}", text])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: invalid config: ") and f"{name} = {value!r}" in message, message
+    assert "allowed" in message or "divisible" in message or "divide" in message or "differs" in message, message
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_to_overwrite_a_run_unless_asked(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # an existing but empty folder is a new run's
+    command = [*FAST_RUN, "--epochs", "1", "--out", str(run_dir)]
+    assert _train_cli(*command).returncode == 0
+    (run_dir / "eval.json").write_text("{}")  # evaluate.py's file, and media of the first run: never to be mixed
+    (run_dir / "media" / "old.png").write_text("")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = _train_cli(*command, "--seed", "3")  # the same command again, as after a crash
+    assert proc.returncode == 1 and f"already holds a run: continue it with --resume {run_dir}" in proc.stderr
+    assert "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # untouched
+    proc = _train_cli(*command, "--seed", "3", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "media" / "old.png").exists()
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 3
+    assert (run_dir / "final_eval.json").is_file() and len(_train_metrics(run_dir)) == 1
+
+
+def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the test could act"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_train_a_second_process_is_refused_with_the_pid_of_the_first(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(TRAIN_REPO / "train.py"), *FAST_RUN, "--epochs", "3", "--out",
+                              str(run_dir)], cwd=TRAIN_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (run_dir / "config.json").is_file(), first)  # written once the lock is held
+        for args in (["--seed", "1", "--out", str(run_dir)], ["--out", str(run_dir), "--overwrite"]):
+            proc = _train_cli(*FAST_RUN, "--epochs", "3", *args)
+            assert proc.returncode == 1 and f"in use by another train.py (PID {first.pid})" in proc.stderr
+        _wait_for(lambda: (run_dir / "checkpoint.pt").is_file(), first)
+        proc = _train_cli("--resume", str(run_dir))
+        assert proc.returncode == 1 and f"(PID {first.pid})" in proc.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_train_stops_cleanly_on_a_signal_and_resumes(tmp_path, signum, code):
+    """Ctrl-C or a scheduler's SIGTERM mid-epoch: the last complete epoch stays on disk, whole, and one line says
+    how to go on; the epoch in progress is lost, and --resume redoes it."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(TRAIN_REPO / "train.py"), *FAST_RUN, "--epochs", "2", "--out",
+                             str(run_dir)], cwd=TRAIN_REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (run_dir / "metrics.csv").is_file(), proc)  # epoch 1 is saved; epoch 2 trains E and D
+    time.sleep(1)
+    proc.send_signal(signum)
+    sent = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 15  # within seconds
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr and "epoch 2 |" not in stdout
+    assert stderr.strip().splitlines()[-1] == (
+        f"{signal.Signals(signum).name}: stopped; epoch 1 of 2 is the last complete one (the epoch in progress is "
+        f"lost); resume with: python train.py --resume {run_dir}")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["env_steps"]) == (1, 100) and len(_train_metrics(run_dir)) == 1
+    assert len(ReplayBuffer.load(run_dir / "replay")) == 100  # no step of the lost epoch was saved
+    assert not list(run_dir.rglob("*.tmp"))
+    resumed = _train_cli("--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(r["env_steps"]) for r in _train_metrics(run_dir)] == [100, 200]
+    assert (run_dir / "final_eval.json").is_file()
+
+
+def test_train_defers_a_signal_during_a_save_and_a_second_one_forces_the_exit():
+    script = ("import os, signal, time, train\n"
+              "train.STOP['pid'] = os.getpid()\n"
+              "signal.signal(signal.SIGINT, train.on_signal)\n"
+              "with train.deferred_signals():\n"
+              "    print('saving', flush=True)\n"
+              "    time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=TRAIN_REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "saving\n"
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert proc.poll() is None  # the first Ctrl-C waits for the save
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 130

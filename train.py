@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import json
 import os
-import random
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +33,8 @@ from tqdm import tqdm
 
 from actor_critic import actor_critic_loss, imagine
 from agent import (COMPONENTS, Agent, IRISConfig, add_config_flags, config_from_args, config_overrides,
-                   config_from_dict, load_checkpoint, pick_device, set_seed, setup_process, write_video)
+                   config_from_dict, load_checkpoint, pick_device, rng_states, set_rng_states, set_seed, setup_process,
+                   validate_config, write_video)
 from env import canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
 from world_model import WorldModelEnv
@@ -81,13 +84,14 @@ def training_loop(run: Run) -> None:
             with timed(metrics, "eval"):
                 metrics.update(evaluate_agent(run, cfg.eval_episodes))
                 save_media(run, epoch)
-        metrics["env_steps"] = len(run.replay)
-        run.epoch = epoch
-        run.history.append(metrics)
-        save_run(run)
-        print(summary_line(metrics), flush=True)
+        with deferred_signals():  # a stop waits for the save: the run on disk is never half-written
+            metrics["env_steps"] = len(run.replay)
+            run.epoch = epoch
+            run.history.append(metrics)
+            save_run(run)
+            print(summary_line(metrics), flush=True)
     final = evaluate_agent(run, cfg.final_eval_episodes)
-    with open(run.run_dir / "final_eval.json", "w") as f:
+    with deferred_signals(), open(run.run_dir / "final_eval.json", "w") as f:
         json.dump({"game": cfg.game, "episodes": cfg.final_eval_episodes, "env_steps": len(run.replay),
                    "mean_return": final["eval/return"], "returns": final["eval/returns"]}, f, indent=2)
     print(f"final evaluation over {cfg.final_eval_episodes} episodes: mean return {final['eval/return']:.2f}")
@@ -296,12 +300,47 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run directory: config.json, metrics.csv, checkpoint.pt and replay.pt, all written atomically
+# Run directory: config.json, metrics.csv, checkpoint.pt and replay/, all written atomically, locked, never mixed
+
+
+LOCK_FILE = ".lock"  # flock-ed by the process writing the run, which writes its PID in it
+STOP: dict[str, Any] = {"signal": None, "deferred": False, "pid": None}  # SIGINT/SIGTERM received, a save under way
+
+
+def on_signal(signum: int, frame: Any) -> None:
+    """SIGINT or SIGTERM: stop now, or right after the save under way; a second signal exits at once."""
+    if STOP["signal"] is not None or os.getpid() != STOP["pid"]:  # or in a forked env worker: it just ends
+        os._exit(128 + signum)
+    STOP["signal"] = signum
+    if not STOP["deferred"]:
+        raise KeyboardInterrupt  # main() turns it into one line
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """A SIGINT or SIGTERM received in the block stops the run when the block is done."""
+    STOP["deferred"] = True
+    try:
+        yield
+    finally:
+        STOP["deferred"] = False
+    if STOP["signal"] is not None:
+        raise KeyboardInterrupt
+
+
+def stop_line(run: Run | None, resumed: str | None) -> str:
+    """The one line printed on a stop: the last complete epoch and how to go on."""
+    name, saved = signal.Signals(STOP["signal"]).name, run.epoch if run else 0
+    if not (saved or resumed):
+        return f"{name}: stopped before the first epoch was saved; nothing to resume (start again with --overwrite)"
+    done = f"epoch {saved} of {run.config.epochs} is the last complete one" if run else "the run is unchanged"
+    return f"{name}: stopped; {done} (the epoch in progress is lost); resume with: python train.py --resume " + str(
+        run.run_dir if run else resumed)
 
 
 def save_run(run: Run) -> None:
-    """The dataset first, then the checkpoint that names its size: a kill between the two loses nothing."""
-    run.replay.save(run.run_dir / "replay.pt")
+    """The new steps of the dataset first, then the checkpoint that names its size: a kill between loses nothing."""
+    run.replay.save(run.run_dir / "replay")
     extra = {"epoch": run.epoch, "env_steps": len(run.replay), "history": run.history, "rng": rng_states(),
              "optimizers": {name: opt.state_dict() for name, opt in run.optimizers.items()}}
     run.agent.save(run.run_dir / "checkpoint.pt", **extra)
@@ -320,30 +359,42 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def open_run_dir(run_dir: Path, fresh: bool, overwrite: bool = False) -> None:
+    """Lock run_dir for the life of this process (an flock, which dies with the process: a kill -9 leaves no stale
+    lock); a fresh run refuses a folder that holds files unless overwrite clears it; remove a killed save's *.tmp."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(lock, 32).decode().strip() or "unknown"
+        os.close(lock)
+        raise RuntimeError(f"{run_dir} is in use by another train.py (PID {pid}); wait for it to end or stop it")
+    old = [path for path in run_dir.iterdir() if path.name != LOCK_FILE]
+    if fresh and old and not (overwrite and (run_dir / "config.json").is_file()):  # never clear a foreign folder
+        os.close(lock)
+        raise RuntimeError(f"{run_dir} holds files but no run (no config.json): choose a new --out" if overwrite else
+                           f"{run_dir} already holds a run: continue it with --resume {run_dir}, or choose a new "
+                           "--out (--overwrite deletes its files and starts afresh there)")
+    os.ftruncate(lock, 0)
+    os.write(lock, f"{os.getpid()}\n".encode())  # the lock stays held: this descriptor is never closed
+    stale = old if fresh else list(run_dir.rglob("*.tmp"))
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if stale:
+        print(f"removed {len(stale)} {'files of the old run' if fresh else 'temporary files of a killed save'} "
+              f"in {run_dir}")
 
 
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def new_run(config: IRISConfig) -> Run:
+def new_run(config: IRISConfig, overwrite: bool = False) -> Run:
     config.game = canonical_game(config.game)
+    run_dir = Path(config.out or f"runs/{config.game}-{time.strftime('%Y%m%d-%H%M%S')}")
+    open_run_dir(run_dir, fresh=True, overwrite=overwrite)
     set_seed(config.seed)
     env = make_env(config.game, train=True, seed=config.seed, config=config.env)
     agent = Agent(config, int(env.action_space.n), pick_device(config.device))
     if config.tokenizer.perceptual_weight > 0:
         agent.tokenizer.perceptual_net()  # fail now, not at epoch 6, if VGG16's weights cannot be had
-    run_dir = Path(config.out or f"runs/{config.game}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "config.json", "w") as f:
         json.dump(asdict(config), f, indent=2)
     run = Run(config, agent, make_optimizers(agent, config), ReplayBuffer(device=agent.device), run_dir, env=env)
@@ -357,14 +408,15 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume in {run_dir}: it holds no checkpoint.pt "
                                 "(train.py writes one at the end of every epoch)")
+    open_run_dir(run_dir, fresh=False)
     checkpoint = load_checkpoint(path)
     config = config_from_dict(checkpoint["config"])
     if device:
         config.device = device
+    validate_config(config)
     agent = Agent.from_checkpoint(checkpoint, pick_device(config.device))
-    replay = ReplayBuffer.load(run_dir / "replay.pt", device=agent.device)
-    # A kill between saving the dataset and the checkpoint leaves steps the checkpoint never saw.
-    replay.truncate(checkpoint["env_steps"])
+    # A kill between saving the dataset and the checkpoint leaves steps the checkpoint never saw: not read.
+    replay = ReplayBuffer.load(run_dir / "replay", device=agent.device, num_steps=checkpoint["env_steps"])
     replay.close_episode()  # the emulator's state is not saved: collection restarts with a new game
     run = Run(config, agent, make_optimizers(agent, config), replay, run_dir, epoch=checkpoint["epoch"],
               history=checkpoint["history"])
@@ -383,10 +435,11 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
 def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help="delete the files of the run at --out, start afresh")
     add_config_flags(parser)
     args = parser.parse_args(argv)
     if args.resume:
-        unknown = set(config_overrides(args)) - {"device"}
+        unknown = set(config_overrides(args)) - {"device"} | ({"overwrite"} if args.overwrite else set())
         if unknown:
             parser.error(f"--resume continues a run with its stored config; drop {', '.join(sorted(unknown))}")
         return None, args
@@ -395,18 +448,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argpar
 
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
+    run = None
     try:
+        if not args.resume:
+            validate_config(config)  # before anything is written
+        STOP["pid"] = os.getpid()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
         if args.resume:
             run = resume_run(Path(args.resume), getattr(args, "device", None))
         else:
-            run = new_run(config)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        sys.exit(f"error: {error}")
-    setup_process(run.config, run.agent.device)
-    print(f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
-          + " | ".join(f"{name} {sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6:.2f}M params"
-                       for name in COMPONENTS))
-    training_loop(run)
+            run = new_run(config, overwrite=args.overwrite)
+        setup_process(run.config, run.agent.device)
+        print(f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
+              + " | ".join(f"{name} {sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6:.2f}M "
+                           "params" for name in COMPONENTS))
+        training_loop(run)
+    except BaseException as error:
+        if STOP["signal"] is not None:  # the stop, or an error it caused (in an env worker it ended)
+            print(stop_line(run, args.resume), file=sys.stderr)
+            sys.exit(128 + STOP["signal"])
+        if run is None and isinstance(error, ValueError | FileNotFoundError | RuntimeError):
+            sys.exit(f"error: {error}")
+        raise
 
 
 if __name__ == "__main__":
