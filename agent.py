@@ -28,7 +28,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
-from actor_critic import ActorCritic, ActorCriticConfig
+from actor_critic import BOOTSTRAPS, ActorCritic, ActorCriticConfig
 from env import EnvConfig
 from replay import atomic_save
 from tokenizer import (LPIPS_CHANNELS, LPIPS_SCALE, LPIPS_SHIFT, VGG16_STAGE_ENDS, Downsample, ResidualBlock,
@@ -735,11 +735,12 @@ CONFIG_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "env.frame_skip", "env.max_train_frames", "env.max_test_frames"], AT_LEAST_1),
     **dict.fromkeys(["start_tokenizer_after_epochs", "start_world_model_after_epochs",
                      "start_actor_critic_after_epochs", "tokenizer.perceptual_weight", "world_model.weight_decay",
-                     "actor_critic.burn_in", "actor_critic.entropy_weight", "env.noop_max"], AT_LEAST_0),
+                     "actor_critic.burn_in", "actor_critic.entropy_weight", "env.noop_max", "env.test_noop_max"],
+                    AT_LEAST_0),
     **dict.fromkeys(["collect_temperature", "eval_temperature", "learning_rate", "max_grad_norm"], POSITIVE),
     **dict.fromkeys(["collect_epsilon", "actor_critic.lam", "env.repeat_action_probability"], PROBABILITY),
     **dict.fromkeys(["adam_beta1", "adam_beta2", "tokenizer.dropout", "world_model.embed_dropout",
-                     "world_model.attn_dropout", "world_model.resid_dropout"], BELOW_1),
+                     "world_model.attn_dropout", "world_model.resid_dropout", "tokenizer.perceptual_dropout"], BELOW_1),
     "bf16": (lambda v: v in BF16_MODES, " or ".join(BF16_MODES)),
     "tokenizer.in_channels": (lambda v: v == 3, "3 (RGB frames)"),
     "tokenizer.ch_mult": (lambda v: len(v) >= 1 and SIZES[0](v), "one or more integers >= 1"),
@@ -747,6 +748,7 @@ CONFIG_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "world_model.reward_loss": (lambda v: v in ("ce", "mse"), "ce or mse"),
     "actor_critic.conv_channels": (lambda v: 1 <= len(v) <= 6 and SIZES[0](v), "1 to 6 integers >= 1"),
     "actor_critic.gamma": (lambda v: 0 < v <= 1, "0 < γ <= 1"),
+    "actor_critic.bootstrap": (lambda v: v in BOOTSTRAPS, " or ".join(BOOTSTRAPS)),
     "env.frame_size": (lambda v: v == 64, "64 (the models take 64 x 64 frames, Table 2)"),
 }
 
