@@ -6,6 +6,10 @@ frame skip 4 with a max over the last two frames, 1 to 30 no-ops after each rese
 Training episodes end when a life is lost, but the game itself goes on ("episodic life"); test episodes
 are whole games of at most 108,000 frames. gymnasium's AtariPreprocessing and TimeLimit do the work; the
 only wrapper written here is EpisodicLife, which AtariPreprocessing cannot do (it restarts the game).
+
+Any other registered gymnasium environment whose observations are RGB frames (H, W, 3) uint8 also works (e.g. the
+test suite's catch game): its frames are resized to 64x64 and its episodes capped at max_train_frames or
+max_test_frames steps; none of the Atari protocol applies to it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import ale_py
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
-from gymnasium.wrappers import AtariPreprocessing
+from gymnasium.wrappers import AtariPreprocessing, ResizeObservation
 from tqdm import tqdm
 
 gym.register_envs(ale_py)
@@ -51,6 +55,7 @@ ATARI_100K_GAMES: tuple[str, ...] = (
 )
 
 NOOP = 0  # ALE's action 0 is NOOP in every minimal action set
+ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
 
 
 def _ale_games() -> dict[str, str]:
@@ -63,8 +68,18 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+def is_atari(game: str) -> bool:
+    """False for a registered gymnasium id of another environment than ale-py's; True otherwise."""
+    return game not in gym.registry or gym.registry[game].entry_point == ATARI_ENTRY_POINT
+
+
 def canonical_game(game: str) -> str:
-    """'Pong', 'pong', 'ALE/Pong-v5' and 'PongNoFrameskip-v4' all give 'Pong'; an unknown name is a ValueError."""
+    """'Pong', 'pong', 'ALE/Pong-v5' and 'PongNoFrameskip-v4' all give 'Pong'; an unknown name is a ValueError.
+
+    A registered gymnasium id of another environment ('CartPole-v1') is returned as it is.
+    """
+    if not is_atari(game.strip()):
+        return game.strip()
     name = re.sub(r"^ALE/", "", game.strip())
     name = re.sub(r"-v\d+$", "", name)
     name = re.sub(r"(NoFrameskip|Deterministic)$", "", name)
@@ -76,7 +91,7 @@ def canonical_game(game: str) -> str:
         close = sorted(games, key=lambda k: -difflib.SequenceMatcher(None, _key(name), k).ratio())[:3]
     suggestions = ", ".join(games[k] for k in close)
     raise ValueError(f"unknown Atari game {game!r}; closest valid games: {suggestions} "
-                     f"(the 26 of Atari 100k are env.ATARI_100K_GAMES)")
+                     f"(the 26 of Atari 100k are env.ATARI_100K_GAMES; or a registered gymnasium id)")
 
 
 class EpisodicLife(gym.Wrapper):
@@ -114,13 +129,15 @@ class EpisodicLife(gym.Wrapper):
 
 
 def make_env(game: str, train: bool = True, seed: int | None = None, config: EnvConfig = ENV_DEFAULTS) -> gym.Env:
-    """One Atari environment: obs (64, 64, 3) uint8, Discrete(A) over the minimal action set.
+    """One Atari environment: obs (64, 64, 3) uint8, Discrete(A) over the minimal action set (or any other, below).
 
     train=True: a lost life ends the episode, the game goes on at the next reset(); at most 20,000 frames a game.
     train=False: whole games of at most 108,000 frames. With a seed, the env is reset once with it here, so its
     emulator and no-op draws are reproducible; later reset() calls need no seed.
     """
     max_frames = config.max_train_frames if train else config.max_test_frames
+    if not is_atari(game.strip()):
+        return make_other_env(game.strip(), max_frames, seed, config)
     # The cap counts emulator frames (no-ops included), below frame skipping, as the reference's TimeLimit does.
     env = gym.make(f"ALE/{canonical_game(game)}-v5", frameskip=1, full_action_space=False,
                    repeat_action_probability=config.repeat_action_probability,
@@ -132,6 +149,27 @@ def make_env(game: str, train: bool = True, seed: int | None = None, config: Env
                              screen_size=config.frame_size, terminal_on_life_loss=False, grayscale_obs=False)
     if train:
         env = EpisodicLife(env)
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+    return env
+
+
+def make_other_env(env_id: str, max_steps: int, seed: int | None, config: EnvConfig) -> gym.Env:
+    """A registered non-Atari env with RGB frames: resized to 64x64 (cv2 INTER_AREA), episodes capped at max_steps."""
+    env = gym.make(env_id, max_episode_steps=max_steps)
+    space = env.observation_space
+    if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[2] == 3
+            and space.dtype == np.uint8):
+        env.close()
+        raise ValueError(f"{env_id}'s observations are {space}; iris needs RGB frames, a Box of shape (H, W, 3) "
+                         "and dtype uint8 (they are resized to 64x64)")
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        env.close()
+        raise ValueError(f"{env_id}'s actions are {env.action_space}; iris needs a Discrete action space")
+    size = (config.frame_size, config.frame_size)
+    if space.shape[:2] != size:
+        env = ResizeObservation(env, size)
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)

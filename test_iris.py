@@ -6,6 +6,7 @@ mocked. GPU-only tests are skipped without CUDA.
 
 import collections
 import csv
+import itertools
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import PIL.Image
 import pytest
@@ -68,6 +70,83 @@ def test_env_unknown_game_names_the_closest_games():
         make_env("Breakot")
     with pytest.raises(ValueError, match="SpaceInvaders"):
         canonical_game("SpaceInvader")
+
+
+class CatchBall(gym.Env):
+    """Catch the falling ball, drawn in 64x64 RGB frames: a 4x4 grid of 16x16-pixel cells, one token per cell.
+
+    The ball starts in a random column of the top row and falls one row per step; the paddle, in a random column of
+    the bottom row, moves left, stays or moves right. Once the ball is in the bottom row (after three moves), the next
+    step ends the episode with r = +1 if the paddle is under it (visible: the ball turns green), else -1.
+    Every start can be caught: the optimum return is +1.
+    """
+
+    GRID = 4
+    MOVES = (0, -1, 1)  # actions: stay, left, right
+
+    def __init__(self, cell: int = 16) -> None:
+        self.cell = cell  # pixels per cell: 16 gives 64x64 frames
+        self.observation_space = gym.spaces.Box(0, 255, (self.GRID * cell, self.GRID * cell, 3), np.uint8)
+        self.action_space = gym.spaces.Discrete(len(self.MOVES))
+        self.ball_row = self.ball_col = self.paddle = 0
+
+    def _obs(self) -> np.ndarray:
+        frame = np.zeros(self.observation_space.shape, dtype=np.uint8)
+        c, bottom = self.cell, self.GRID - 1
+        caught = self.ball_row == bottom and self.ball_col == self.paddle
+        frame[bottom * c:, self.paddle * c:(self.paddle + 1) * c] = (40, 120, 255)  # the paddle, blue
+        colour = (0, 255, 0) if caught else (255, 220, 0)  # the ball, yellow; green once caught
+        frame[self.ball_row * c:(self.ball_row + 1) * c, self.ball_col * c:(self.ball_col + 1) * c] = colour
+        return frame
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.ball_row = 0
+        self.ball_col, self.paddle = (int(x) for x in self.np_random.integers(self.GRID, size=2))
+        return self._obs(), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.ball_row == self.GRID - 1:  # the ball is in the bottom row: caught or missed
+            return self._obs(), (1.0 if self.paddle == self.ball_col else -1.0), True, False, {}
+        self.paddle = int(np.clip(self.paddle + self.MOVES[int(action)], 0, self.GRID - 1))
+        self.ball_row += 1
+        return self._obs(), 0.0, False, False, {}
+
+
+CATCH_ID = "CatchBall-v0"
+for env_id, cell in ((CATCH_ID, 16), ("CatchBall96-v0", 24)):  # 64x64 frames, and 96x96 ones for env.py to resize
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=CatchBall, kwargs={"cell": cell})
+
+
+def catch_random_policy_return() -> float:
+    """The exact expected return of the uniformly random policy: every start and action sequence, equally likely."""
+    env, total, count = CatchBall(), 0.0, 0
+    for ball, paddle in itertools.product(range(CatchBall.GRID), repeat=2):
+        for actions in itertools.product(range(3), repeat=CatchBall.GRID):
+            env.ball_row, env.ball_col, env.paddle = 0, ball, paddle
+            total += sum(env.step(a)[1] for a in actions)
+            count += 1
+    return total / count
+
+
+def test_env_other_gymnasium_envs_with_rgb_frames():
+    """Any registered env with (H, W, 3) uint8 frames: resized to 64x64, episodes capped; others are refused."""
+    assert canonical_game(CATCH_ID) == CATCH_ID and canonical_game("PongNoFrameskip-v4") == "Pong"
+    for env_id in (CATCH_ID, "CatchBall96-v0"):
+        env = make_env(env_id, train=True, seed=0)
+        obs, _ = env.reset()
+        assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8 and env.observation_space.shape == (64, 64, 3)
+        assert obs[56, 8:56].any(axis=-1).sum() == 16  # the paddle: one cell of the bottom row, at any frame size
+    config = EnvConfig(max_train_frames=2)
+    assert make_env(CATCH_ID, train=True, config=config, seed=0).step(0)[3] is False
+    env = make_env(CATCH_ID, train=True, config=config, seed=0)
+    assert [env.step(0)[3] for _ in range(2)] == [False, True]  # truncated after max_train_frames steps
+    returns = run_episodes(CATCH_ID, lambda obs, first: np.zeros(len(obs), dtype=np.int64), 6, num_envs=2, seed=0,
+                           progress=False)
+    assert len(returns) == 6 and set(returns) <= {-1.0, 1.0}
+    with pytest.raises(ValueError, match=r"RGB frames, a Box of shape \(H, W, 3\)"):
+        make_env("CartPole-v1")
 
 
 def _fire_or_noop(rng: np.random.Generator) -> int:
@@ -2342,3 +2421,45 @@ def test_train_defers_a_signal_during_a_save_and_a_second_one_forces_the_exit():
     assert proc.poll() is None  # the first Ctrl-C waits for the save
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 130
+
+
+# --- learning: the whole of Algorithm 1 solves a small game ---------------------------------------------------------
+
+
+# The tiny preset, shrunk to the game: 16 tokens of a 16-code vocabulary, episodes of 3 steps. Same code path.
+CATCH_CONFIG = {
+    "epochs": 12, "collection_epochs": 12, "env_steps_per_epoch": 150, "training_steps_per_epoch": 40,
+    "start_tokenizer_after_epochs": 0, "start_world_model_after_epochs": 1, "start_actor_critic_after_epochs": 3,
+    "tokenizer_batch_size": 32, "world_model_batch_size": 16, "actor_critic_batch_size": 32,
+    "learning_rate": 1e-3, "eval_every": 1000, "eval_episodes": 8, "final_eval_episodes": 200, "eval_envs": 8,
+    "media_trajectories": 2, "eval_temperature": 0.5,
+    "tokenizer.ch": 16, "tokenizer.num_res_blocks": 1, "tokenizer.attn_resolutions": (), "tokenizer.z_channels": 16,
+    "tokenizer.vocab_size": 16, "tokenizer.embed_dim": 16, "tokenizer.perceptual_weight": 0.0,
+    "world_model.max_timesteps": 4, "world_model.embed_dim": 64, "world_model.num_layers": 2,
+    "world_model.num_heads": 2,
+    "actor_critic.conv_channels": (8, 8, 16, 16), "actor_critic.lstm_dim": 64, "actor_critic.burn_in": 2,
+    "actor_critic.imagination_horizon": 4,
+}
+
+
+def train_catch(tmp_path: Path, seed: int = 0, **overrides) -> tuple[float, train.Run]:
+    """Algorithm 1 from scratch on CatchBall (train.new_run + train.training_loop): the final evaluation's return."""
+    config = agent_lib.IRISConfig()
+    for name, value in {**CATCH_CONFIG, **overrides}.items():
+        agent_lib.set_field(config, name, value)
+    config.game, config.seed, config.device, config.out = CATCH_ID, seed, "cpu", str(tmp_path / f"catch{seed}")
+    run = train.new_run(config)
+    train.training_loop(run)
+    final = json.loads((run.run_dir / "final_eval.json").read_text())
+    return final["mean_return"], run
+
+
+@pytest.mark.xfail(run=False, reason="does not learn yet: the tiny tokenizer reconstructs the ball as black (issue 14)")
+def test_train_learns_to_catch_the_ball(tmp_path, one_thread):
+    """The whole loop learns: after 1,800 real steps the agent catches nearly every ball; random play loses."""
+    random_return = catch_random_policy_return()
+    mean_return, run = train_catch(tmp_path)
+    print(f"CatchBall: final return {mean_return:.3f} (optimum 1, random policy {random_return:.3f}); "
+          f"last epoch {train.summary_line(run.history[-1])}")
+    assert random_return < -0.3
+    assert mean_return > 0.8
