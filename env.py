@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -69,7 +70,13 @@ def _key(name: str) -> str:
 
 
 def is_atari(game: str) -> bool:
-    """False for a registered gymnasium id of another environment than ale-py's; True otherwise."""
+    """False for a registered gymnasium id of another environment than ale-py's; True otherwise.
+
+    "module:EnvId" imports module first (gymnasium's convention), so that a module of the user's can register EnvId.
+    """
+    if ":" in game:
+        module, game = game.split(":", 1)
+        importlib.import_module(module)
     return game not in gym.registry or gym.registry[game].entry_point == ATARI_ENTRY_POINT
 
 

@@ -149,6 +149,18 @@ def test_env_other_gymnasium_envs_with_rgb_frames():
         make_env("CartPole-v1")
 
 
+def test_env_module_colon_id_registers_a_users_env_for_train_py(tmp_path, monkeypatch):
+    """`--game my_envs:Catch64-v0` imports my_envs, whose gymnasium.register call makes the id known (the way a
+    train.py process, which never imports test_iris.py, gets a user's environment)."""
+    (tmp_path / "my_envs.py").write_text(
+        "import gymnasium\n"
+        f"gymnasium.register('Catch64-v0', entry_point='test_iris:CatchBall', kwargs={{'cell': 16}})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert canonical_game("my_envs:Catch64-v0") == "my_envs:Catch64-v0"
+    obs, _ = make_env("my_envs:Catch64-v0", seed=0).reset()
+    assert obs.shape == (64, 64, 3) and obs[56, 8:56].any(axis=-1).sum() == 16
+
+
 def _fire_or_noop(rng: np.random.Generator) -> int:
     return int(rng.random() < 0.5)  # Breakout: 0 = NOOP, 1 = FIRE (launches the ball, which then gets missed)
 
