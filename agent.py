@@ -111,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 3e-4, "eval_every": 10, "eval_episodes": 8, "final_eval_episodes": 32, "eval_envs": 8,
         "tokenizer.ch": 8, "tokenizer.ch_mult": (1, 2, 4, 8, 8), "tokenizer.num_res_blocks": 1,
         "tokenizer.attn_resolutions": (), "tokenizer.z_channels": 64, "tokenizer.embed_dim": 64,
-        "tokenizer.perceptual_weight": 0.0,
+        "tokenizer.perceptual_weight": 0.0, "tokenizer.reconstruction_loss": "l2",  # no L_perceptual: see README
         "world_model.max_timesteps": 10, "world_model.embed_dim": 128, "world_model.num_layers": 3,
         "world_model.num_heads": 4,
         "actor_critic.conv_channels": (16, 16, 32, 32), "actor_critic.lstm_dim": 256, "actor_critic.burn_in": 5,
@@ -746,6 +746,7 @@ CONFIG_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tokenizer.ch_mult": (lambda v: len(v) >= 1 and SIZES[0](v), "one or more integers >= 1"),
     "tokenizer.attn_resolutions": SIZES,
     "world_model.reward_loss": (lambda v: v in ("ce", "mse"), "ce or mse"),
+    "tokenizer.reconstruction_loss": (lambda v: v in ("l1", "l2"), "l1 or l2"),
     "actor_critic.conv_channels": (lambda v: 1 <= len(v) <= 6 and SIZES[0](v), "1 to 6 integers >= 1"),
     "actor_critic.gamma": (lambda v: 0 < v <= 1, "0 < γ <= 1"),
     "actor_critic.bootstrap": (lambda v: v in BOOTSTRAPS, " or ".join(BOOTSTRAPS)),

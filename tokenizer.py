@@ -30,6 +30,8 @@ class TokenizerConfig:
     dropout: float = 0.0  # in residual blocks, reference code
     num_groups: int = 32  # GroupNorm groups, taming-transformers (smaller for tiny configs with few channels)
     perceptual_weight: float = 1.0  # weight of L_perceptual, equal weighting (Appendix A.1); 0 trains without it
+    reconstruction_loss: str = "l1"  # "l1": ||x - D(z)||_1 (Appendix A.1); "l2": squared error, for runs without
+    # L_perceptual (README "Does it learn?": L1 alone did not learn small objects there)
     perceptual_dropout: float = 0.0  # LPIPS's dropout before lin0..lin4 while E, D train; 0.5 as the reference code
     pretrained_vgg: bool = True  # ImageNet VGG16 trunk of L_perceptual; False = random weights, for tests only
 
@@ -297,7 +299,11 @@ class Tokenizer(nn.Module):
 
         # Differs from the paper (as the reference code): norms are averaged over elements, not summed, and L1 is
         # taken in the network's [-1, 1] space (twice the L1 in [0, 1]).
-        losses = {"reconstruction": (x - reconstruction).abs().mean()}  # Appendix A.1, term 1
+        error = x - reconstruction  # (B, 3, 64, 64)
+        # Differs from the paper when reconstruction_loss = "l2": without L_perceptual, the L1 term alone left small
+        # objects (a 16x16 ball, Pong's ball, Boxing's boxers) out of D's frames; squared errors learn them.
+        l1 = self.config.reconstruction_loss == "l1"
+        losses = {"reconstruction": error.abs().mean() if l1 else error.pow(2).mean()}  # Appendix A.1, term 1
         losses["codebook"], losses["commitment"] = commitment_losses(y, z_q)  # Appendix A.1, terms 2 and 3
         total = losses["reconstruction"] + losses["codebook"] + losses["commitment"]
         if self.config.perceptual_weight > 0:
