@@ -159,7 +159,8 @@ def train_tokenizer(args: argparse.Namespace) -> None:
     median = to_unit(train.observations[torch.randperm(len(train))[:MEDIAN_FRAMES]]).median(dim=0).values  # (3,64,64)
     eval_frames = heldout.observations[torch.randperm(len(heldout))[:EVAL_FRAMES]]  # (EVAL_FRAMES, 3, 64, 64)
     config = TokenizerConfig(**{**TOKENIZER_SMALL, "vocab_size": args.vocab_size, "embed_dim": args.embed_dim,
-                                "ch": args.ch, "z_channels": args.z_channels})
+                                "ch": args.ch, "z_channels": args.z_channels,
+                                "reconstruction_loss": args.reconstruction_loss})
     tokenizer = Tokenizer(config)
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.lr, betas=ADAM_BETAS)
     print(f"tokenizer {config}\n{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, "
@@ -373,6 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tok.add_argument("--restart_every", type=int, default=RESTART_EVERY, help="dead-code restarts; 0: none (paper)")
     for name in ("ch", "z_channels", "vocab_size", "embed_dim"):
         tok.add_argument(f"--{name}", type=int, default=TOKENIZER_SMALL[name])
+    tok.add_argument("--reconstruction_loss", choices=("l1", "l2"), default="l1", help="l1: Appendix A.1")
     wm = parser.add_argument_group("stage 2: world model")
     wm.add_argument("--timesteps", type=int, default=WORLD_MODEL_SMALL["max_timesteps"], help="L, steps per segment")
     wm.add_argument("--num_layers", type=int, default=WORLD_MODEL_SMALL["num_layers"])
