@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from env import make_env
 from replay import ReplayBuffer, atomic_save
