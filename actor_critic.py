@@ -97,12 +97,7 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def act(
-        self,
-        frames: torch.Tensor,
-        state: State,
-        tokenizer: Tokenizer,
-        temperature: float = 1.0,
-        epsilon: float = 0.0,
+        self, frames: torch.Tensor, state: State, tokenizer: Tokenizer, temperature: float = 1.0, epsilon: float = 0.0
     ) -> tuple[torch.Tensor, State]:
         """Actions (B,) int64 for real frames (B, 3, 64, 64) uint8 (collect_experience of Algorithm 1).
 
@@ -211,8 +206,14 @@ def actor_critic_loss(out: ImagineOutput, config: ActorCriticConfig) -> dict[str
     if config.bootstrap not in BOOTSTRAPS:
         raise ValueError(f"actor_critic.bootstrap must be one of {', '.join(BOOTSTRAPS)}, got {config.bootstrap!r}")
     if config.bootstrap == "reference":  # the authors' code: Λ_{H-1} = V(x̂_{H-1}); r̂_{H-1} and x̂_H go unused
-        out = ImagineOutput(out.actions[:, :-1], out.logits[:, :-1], out.values[:, :-1], out.rewards[:, :-1],
-                            out.ends[:, :-1], out.frames[:, :-1])
+        out = ImagineOutput(
+            out.actions[:, :-1],
+            out.logits[:, :-1],
+            out.values[:, :-1],
+            out.rewards[:, :-1],
+            out.ends[:, :-1],
+            out.frames[:, :-1],
+        )
     batch_size, horizon = out.actions.shape
     values = out.values[:, :-1]  # V(x̂_t), t < H, (B, H)
     with torch.no_grad():

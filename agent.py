@@ -31,8 +31,18 @@ from PIL import Image
 from actor_critic import BOOTSTRAPS, ActorCritic, ActorCriticConfig
 from env import EnvConfig
 from replay import atomic_save
-from tokenizer import (LPIPS_CHANNELS, LPIPS_SCALE, LPIPS_SHIFT, VGG16_STAGE_ENDS, Downsample, ResidualBlock,
-                       SelfAttention, Tokenizer, TokenizerConfig, Upsample)
+from tokenizer import (
+    LPIPS_CHANNELS,
+    LPIPS_SCALE,
+    LPIPS_SHIFT,
+    VGG16_STAGE_ENDS,
+    Downsample,
+    ResidualBlock,
+    SelfAttention,
+    Tokenizer,
+    TokenizerConfig,
+    Upsample,
+)
 from world_model import WorldModel, WorldModelConfig
 
 
@@ -84,6 +94,7 @@ class IRISConfig:
 
 # Presets in the minGPT manner: "paper" is the dataclass defaults; "tiny" shrinks models, batches, epochs and
 # delays so that all three phases run in minutes on a 2-core CPU. The code path is the same.
+# fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "tiny": {
@@ -118,6 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "actor_critic.imagination_horizon": 10,
     },
 }
+# fmt: on
 
 COMPONENTS = ("tokenizer", "world_model", "actor_critic")
 BF16_MODES = ("cuda", "always", "never")
@@ -193,8 +205,13 @@ class Agent(torch.nn.Module):
         atomic_save(self.checkpoint_dict(**extra), path)
 
     def checkpoint_dict(self, **extra: Any) -> dict[str, Any]:
-        return {"config": asdict(self.config), "game": self.config.game, "num_actions": self.num_actions,
-                "agent": {name: getattr(self, name).state_dict() for name in COMPONENTS}, **extra}
+        return {
+            "config": asdict(self.config),
+            "game": self.config.game,
+            "num_actions": self.num_actions,
+            "agent": {name: getattr(self, name).state_dict() for name in COMPONENTS},
+            **extra,
+        }
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> Agent:
@@ -213,8 +230,9 @@ class Agent(torch.nn.Module):
         return agent.eval()
 
     @classmethod
-    def from_authors_checkpoint(cls, path: str | Path, game: str | None = None,
-                                device: str | torch.device | None = None) -> Agent:
+    def from_authors_checkpoint(
+        cls, path: str | Path, game: str | None = None, device: str | torch.device | None = None
+    ) -> Agent:
         """One of the authors' published `<Game>.pt` files (AUTHORS_CHECKPOINT_URL), at the paper config, in eval
         mode. The number of actions is read from the file; the game is `game`, or else the file's name."""
         num_actions, state_dicts = load_authors_checkpoint(path)
@@ -234,36 +252,53 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: give a run directory holding checkpoint.pt "
-                                "(written by train.py every epoch) or the path of a .pt checkpoint")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: give a run directory holding checkpoint.pt "
+            "(written by train.py every epoch) or the path of a .pt checkpoint"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for a truncated or foreign file
-        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({error}); "
-                              "delete it and resume from an earlier copy, or start a new run") from error
+        raise CheckpointError(
+            f"{path} is corrupt or not a checkpoint ({error}); "
+            "delete it and resume from an earlier copy, or start a new run"
+        ) from error
     missing = [k for k in CHECKPOINT_KEYS if not (isinstance(checkpoint, dict) and k in checkpoint)]
     if missing:
-        raise CheckpointError(f"{path} is not an iris checkpoint (it lacks {', '.join(missing)}); "
-                              "a checkpoint of the authors' code loads with --authors_checkpoint")
+        raise CheckpointError(
+            f"{path} is not an iris checkpoint (it lacks {', '.join(missing)}); "
+            "a checkpoint of the authors' code loads with --authors_checkpoint"
+        )
     return checkpoint
 
 
-def check_checkpoint(checkpoint: dict[str, Any], source: Path, game: str | None = None,
-                     num_actions: int | None = None, run_config: dict[str, Any] | None = None) -> None:
+def check_checkpoint(
+    checkpoint: dict[str, Any],
+    source: Path,
+    game: str | None = None,
+    num_actions: int | None = None,
+    run_config: dict[str, Any] | None = None,
+) -> None:
     """Refuse a checkpoint trained on another game than asked, with another action set, or of another run."""
     trained_on = checkpoint["game"]
     if game is not None and game.lower() != trained_on.lower():
-        raise CheckpointError(f"{source}: this checkpoint was trained on {trained_on}, not {game}; "
-                              f"pass a {game} checkpoint or drop --game")
+        raise CheckpointError(
+            f"{source}: this checkpoint was trained on {trained_on}, not {game}; "
+            f"pass a {game} checkpoint or drop --game"
+        )
     if num_actions is not None and num_actions != checkpoint["num_actions"]:
-        raise CheckpointError(f"{source}: the agent has {checkpoint['num_actions']} actions but {trained_on}'s "
-                              f"action set has {num_actions}; it was trained with another env config")
+        raise CheckpointError(
+            f"{source}: the agent has {checkpoint['num_actions']} actions but {trained_on}'s "
+            f"action set has {num_actions}; it was trained with another env config"
+        )
     if run_config is not None:
         run_config = {k: v for k, v in run_config.items() if k not in RUN_SPECIFIC_KEYS}
         differing = differing_keys(run_config, checkpoint["config"])
         if differing:
-            raise CheckpointError(f"{source}: its config differs from its run's config.json in "
-                                  f"{', '.join(differing[:8])}; this checkpoint belongs to another run")
+            raise CheckpointError(
+                f"{source}: its config differs from its run's config.json in "
+                f"{', '.join(differing[:8])}; this checkpoint belongs to another run"
+            )
 
 
 RUN_SPECIFIC_KEYS = ("device", "out")  # config.json fields that may differ from the checkpoint's (--device on resume)
@@ -290,8 +325,9 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but this torch build sees no CUDA device; "
-                         "use --device cpu or --device auto")
+        raise ValueError(
+            f"--device {name} was asked for but this torch build sees no CUDA device; use --device cpu or --device auto"
+        )
     return torch.device(name)
 
 
@@ -408,8 +444,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             except ValueError as error:
                 raise argparse.ArgumentTypeError(f"expected a {type(default).__name__}: {error}") from error
 
-        parser.add_argument(f"--{name}", type=convert, default=argparse.SUPPRESS, metavar=type(default).__name__,
-                            help=f"default {shown}")
+        parser.add_argument(
+            f"--{name}",
+            type=convert,
+            default=argparse.SUPPRESS,
+            metavar=type(default).__name__,
+            help=f"default {shown}",
+        )
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -446,6 +487,7 @@ def write_video(video: np.ndarray, path: Path, fps: float) -> Path:
     else:
         raise ValueError(f"{path}: a video is written as .mp4 or .gif, not {path.suffix or 'a file with no extension'}")
     return path
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The authors' published agents (eloialonso/iris, README "Pretrained models"): one `<Game>.pt` per game of Table 1,
@@ -521,8 +563,9 @@ def paper_modules(num_actions: int) -> dict[str, nn.Module]:
     with torch.device("meta"):
         return {
             "tokenizer": Tokenizer(tokenizer_config),
-            "world_model": WorldModel(WorldModelConfig(), tokenizer_config.vocab_size,
-                                      tokenizer_config.tokens_per_frame, num_actions),
+            "world_model": WorldModel(
+                WorldModelConfig(), tokenizer_config.vocab_size, tokenizer_config.tokens_per_frame, num_actions
+            ),
             "actor_critic": ActorCritic(ActorCriticConfig(), num_actions),
         }
 
@@ -606,9 +649,12 @@ def layer_pairs(layer: nn.Module) -> Pairs:
 
 def world_model_pairs(world_model: WorldModel) -> Pairs:
     """minGPT names (the authors' src/models/world_model.py and transformer.py)."""
-    pairs: Pairs = [("action_embedding", ("embedder.embedding_tables.0",)),
-                    ("frame_embedding", ("embedder.embedding_tables.1",)),
-                    ("position_embedding", ("pos_emb",)), ("ln_f", ("transformer.ln_f",))]
+    pairs: Pairs = [
+        ("action_embedding", ("embedder.embedding_tables.0",)),
+        ("frame_embedding", ("embedder.embedding_tables.1",)),
+        ("position_embedding", ("pos_emb",)),
+        ("ln_f", ("transformer.ln_f",)),
+    ]
     for i in range(len(world_model.blocks)):
         ours, theirs = f"blocks.{i}", f"transformer.blocks.{i}"
         pairs += [(f"{ours}.{name}", (f"{theirs}.{name}",)) for name in ("ln1", "ln2", "attn.proj", "mlp.0", "mlp.2")]
@@ -647,8 +693,10 @@ def extra_values(num_actions: int) -> dict[str, torch.Tensor]:
     """The values the authors' code gives its buffers at the paper config (none depends on training)."""
     config, K = WorldModelConfig(), TokenizerConfig().tokens_per_frame
     max_tokens = config.max_timesteps * (K + 1)  # L(K+1) = 340
-    values = {f"tokenizer.lpips.scaling_layer.{name}": torch.tensor(numbers).view(1, 3, 1, 1)
-              for name, numbers in (("shift", LPIPS_SHIFT), ("scale", LPIPS_SCALE))}
+    values = {
+        f"tokenizer.lpips.scaling_layer.{name}": torch.tensor(numbers).view(1, 3, 1, 1)
+        for name, numbers in (("shift", LPIPS_SHIFT), ("scale", LPIPS_SCALE))
+    }
     mask = torch.ones(max_tokens, max_tokens).tril()  # causal: position p attends to 0..p
     values.update({f"world_model.transformer.blocks.{i}.attn.mask": mask for i in range(config.num_layers)})
     position = torch.arange(max_tokens) % (K + 1)  # position within each block of K frame tokens + 1 action token
@@ -676,11 +724,15 @@ def check_is_state_dict(state_dict: object) -> None:
     if not isinstance(state_dict, Mapping):
         refuse(f"the file holds a {type(state_dict).__name__}, not a state_dict")
     if {"agent", "config", "num_actions"} <= set(state_dict):
-        refuse("this is a checkpoint of this project (keys 'agent', 'config', 'num_actions'); load it with "
-               "Agent.load(path) instead")
+        refuse(
+            "this is a checkpoint of this project (keys 'agent', 'config', 'num_actions'); load it with "
+            "Agent.load(path) instead"
+        )
     if "world_model.frame_embedding.weight" in state_dict or "tokenizer.encoder.0.weight" in state_dict:
-        refuse("this is the state_dict of this project's Agent (our names, e.g. world_model.frame_embedding); "
-               "load it with load_state_dict instead")
+        refuse(
+            "this is the state_dict of this project's Agent (our names, e.g. world_model.frame_embedding); "
+            "load it with load_state_dict instead"
+        )
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         refuse(f"{len(not_tensors)} entries are not tensors, e.g. {not_tensors[:3]}")
@@ -690,13 +742,20 @@ def check_names_and_shapes(state_dict: Mapping, expected: dict[str, torch.Size],
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     if missing or unexpected:
-        refuse(f"{len(missing)} missing tensors {missing[:5]} and {len(unexpected)} unexpected ones "
-               f"{unexpected[:5]} (with A = {num_actions} actions read from {ACTOR_HEAD})")
-    wrong = [f"{key} {tuple(state_dict[key].shape)} instead of {tuple(shape)}"
-             for key, shape in expected.items() if state_dict[key].shape != shape]
+        refuse(
+            f"{len(missing)} missing tensors {missing[:5]} and {len(unexpected)} unexpected ones "
+            f"{unexpected[:5]} (with A = {num_actions} actions read from {ACTOR_HEAD})"
+        )
+    wrong = [
+        f"{key} {tuple(state_dict[key].shape)} instead of {tuple(shape)}"
+        for key, shape in expected.items()
+        if state_dict[key].shape != shape
+    ]
     if wrong:
-        refuse(f"{len(wrong)} tensors have other shapes (with A = {num_actions} actions read from {ACTOR_HEAD}): "
-               f"{'; '.join(wrong[:5])}")
+        refuse(
+            f"{len(wrong)} tensors have other shapes (with A = {num_actions} actions read from {ACTOR_HEAD}): "
+            f"{'; '.join(wrong[:5])}"
+        )
 
 
 def check_extra_values(state_dict: Mapping, num_actions: int) -> None:
@@ -723,6 +782,7 @@ PROBABILITY = (lambda v: 0 <= v <= 1, "0 to 1")
 BELOW_1 = (lambda v: 0 <= v < 1, "0 <= value < 1")
 SIZES = (lambda v: all(n >= 1 for n in v), "integers >= 1")
 # Fields absent here (game, out and the booleans) are only type-checked; game is checked by env.canonical_game.
+# fmt: off
 CONFIG_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: 0 <= v < 2**32, "0 to 2**32 - 1"), "device": (_is_device, "auto, cpu, cuda, cuda:N or mps"),
     **dict.fromkeys(["epochs", "collection_epochs", "env_steps_per_epoch", "training_steps_per_epoch",
@@ -752,6 +812,7 @@ CONFIG_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "actor_critic.bootstrap": (lambda v: v in BOOTSTRAPS, " or ".join(BOOTSTRAPS)),
     "env.frame_size": (lambda v: v == 64, "64 (the models take 64 x 64 frames, Table 2)"),
 }
+# fmt: on
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -785,17 +846,28 @@ def cross_field_problems(config: IRISConfig) -> list[str]:
     levels = 2 ** (len(tok.ch_mult) - 1)  # E halves the resolution between levels
     # collection_epochs > epochs is allowed: it collects every epoch (--preset tiny --epochs 4).
     checks = [
-        (tok.resolution == config.env.frame_size,
-         f"tokenizer.resolution = {tok.resolution} differs from env.frame_size = {config.env.frame_size}"),
-        (tok.resolution % levels == 0, f"tokenizer.ch_mult = {tok.ch_mult!r} halves the frame {len(tok.ch_mult) - 1} "
-                                       f"times: tokenizer.resolution = {tok.resolution} is not divisible by {levels}"),
-        (wm.embed_dim % wm.num_heads == 0,
-         f"world_model.embed_dim = {wm.embed_dim} is not divisible by world_model.num_heads = {wm.num_heads}"),
+        (
+            tok.resolution == config.env.frame_size,
+            f"tokenizer.resolution = {tok.resolution} differs from env.frame_size = {config.env.frame_size}",
+        ),
+        (
+            tok.resolution % levels == 0,
+            f"tokenizer.ch_mult = {tok.ch_mult!r} halves the frame {len(tok.ch_mult) - 1} "
+            f"times: tokenizer.resolution = {tok.resolution} is not divisible by {levels}",
+        ),
+        (
+            wm.embed_dim % wm.num_heads == 0,
+            f"world_model.embed_dim = {wm.embed_dim} is not divisible by world_model.num_heads = {wm.num_heads}",
+        ),
     ]
     for channels in sorted({tok.ch * mult for mult in tok.ch_mult}):
-        checks.append((channels % min(tok.num_groups, channels) == 0,
-                       f"tokenizer.num_groups = {tok.num_groups} does not divide the {channels} channels of "
-                       "tokenizer.ch x tokenizer.ch_mult (GroupNorm)"))
+        checks.append(
+            (
+                channels % min(tok.num_groups, channels) == 0,
+                f"tokenizer.num_groups = {tok.num_groups} does not divide the {channels} channels of "
+                "tokenizer.ch x tokenizer.ch_mult (GroupNorm)",
+            )
+        )
     return [message for ok, message in checks if not ok]
 
 

@@ -75,8 +75,15 @@ class Bench:
     def run(self, config: IRISConfig, replay: ReplayBuffer | None = None) -> train.Run:
         """A train.Run on the full dataset and its token table, or on another dataset without one."""
         tokens = self.tokens if replay is None else None
-        return train.Run(config, self.agent, self.optimizers, replay or self.replay, Path(tempfile.gettempdir()),
-                         env=self.env, tokens=tokens)
+        return train.Run(
+            config,
+            self.agent,
+            self.optimizers,
+            replay or self.replay,
+            Path(tempfile.gettempdir()),
+            env=self.env,
+            tokens=tokens,
+        )
 
 
 def random_replay(cfg: IRISConfig, size: int, agent: Agent) -> ReplayBuffer:
@@ -99,13 +106,16 @@ def phase(bench: Bench, name: str) -> tuple[Callable[[], Any], int, str]:
     cfg, agent, ac = bench.config, bench.agent, bench.config.actor_critic
     one_step = replace(cfg, training_steps_per_epoch=1)
     if name == "tokenizer":  # G and (π, V) wait past the last epoch: update_world_model trains E and D only
-        run = bench.run(replace(one_step, start_world_model_after_epochs=cfg.epochs,
-                                start_actor_critic_after_epochs=cfg.epochs))
+        run = bench.run(
+            replace(one_step, start_world_model_after_epochs=cfg.epochs, start_actor_critic_after_epochs=cfg.epochs)
+        )
         epoch = cfg.start_tokenizer_after_epochs + 1
         return lambda: train.update_world_model(run, epoch, "tokenizer"), cfg.tokenizer_batch_size, "frames"
     if name == "encode":  # one call of the tokenizer on encode_batch_size frames
-        run = bench.run(replace(cfg, encode_batch_size=min(cfg.encode_batch_size, len(bench.replay))),
-                        random_replay(cfg, min(cfg.encode_batch_size, len(bench.replay)), agent))
+        run = bench.run(
+            replace(cfg, encode_batch_size=min(cfg.encode_batch_size, len(bench.replay))),
+            random_replay(cfg, min(cfg.encode_batch_size, len(bench.replay)), agent),
+        )
         agent.tokenizer.eval()
         epoch = max(cfg.start_world_model_after_epochs, cfg.start_actor_critic_after_epochs) + 1
         return lambda: train.encode_dataset(run, epoch), len(run.replay), "frames"
@@ -122,11 +132,18 @@ def phase(bench: Bench, name: str) -> tuple[Callable[[], Any], int, str]:
         run, wm_env = bench.run(cfg), WorldModelEnv(agent.tokenizer, agent.world_model)
 
         def rollout() -> None:
-            batch = run.replay.sample(cfg.actor_critic_batch_size, ac.burn_in + 1, sample_from_start=False,
-                                      device=agent.device)
+            batch = run.replay.sample(
+                cfg.actor_critic_batch_size, ac.burn_in + 1, sample_from_start=False, device=agent.device
+            )
             with torch.no_grad(), agent.autocast():
-                imagine(agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac.imagination_horizon,
-                        tokens=train.segment_tokens(run, batch))
+                imagine(
+                    agent.actor_critic,
+                    wm_env,
+                    batch["observations"],
+                    batch["mask"],
+                    ac.imagination_horizon,
+                    tokens=train.segment_tokens(run, batch),
+                )
 
         return rollout, cfg.actor_critic_batch_size * ac.imagination_horizon, "frames"
     if name == "collection":
@@ -134,6 +151,7 @@ def phase(bench: Bench, name: str) -> tuple[Callable[[], Any], int, str]:
         run.obs, _ = bench.env.reset(seed=cfg.seed)
         return lambda: train.collect_experience(run, cfg.env_steps_per_epoch), cfg.env_steps_per_epoch, "env steps"
     if name == "replay":
+
         def sample_batches(replay: ReplayBuffer = bench.replay) -> None:  # the batches of one step of each component
             replay.sample_frames(cfg.tokenizer_batch_size, device=agent.device)
             replay.sample(cfg.world_model_batch_size, cfg.world_model.max_timesteps, True, device=agent.device)
@@ -208,8 +226,13 @@ def project(cfg: IRISConfig, phases: dict[str, dict[str, Any]]) -> dict[str, Any
         epochs["encode"] = max(0, cfg.epochs - first)
         epoch["encode"] = per_frame * steps_at[-1]
         total += per_frame * sum(steps_at[first:])
-    return {"epoch_seconds": sum(epoch.values()), "epoch_parts": epoch, "epochs_per_part": epochs,
-            "dataset_steps": steps_at[-1], "run_hours": total / 3600}
+    return {
+        "epoch_seconds": sum(epoch.values()),
+        "epoch_parts": epoch,
+        "epochs_per_part": epochs,
+        "dataset_steps": steps_at[-1],
+        "run_hours": total / 3600,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,9 +251,13 @@ def device_name(device: torch.device) -> str:
 
 
 def parse_bench_args(argv: list[str] | None = None) -> tuple[IRISConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False, epilog="Every flag of train.py is accepted too: --preset "
-                                     "tiny, --device cpu, --game Breakout, --tokenizer.ch 32... (python train.py -h)")
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        epilog="Every flag of train.py is accepted too: --preset "
+        "tiny, --device cpu, --game Breakout, --tokenizer.ch 32... (python train.py -h)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per phase; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per phase before the timed ones")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list among: {', '.join(PHASES)}")
@@ -251,29 +278,37 @@ def parse_bench_args(argv: list[str] | None = None) -> tuple[IRISConfig, argpars
 
 def print_table(result: dict[str, Any], cfg: IRISConfig) -> None:
     meta = result["meta"]
-    print(f"iris bench | preset {meta['preset']} | {meta['device']} ({meta['device_name']}) | torch {meta['torch']} "
-          f"| {meta['threads']} threads")
+    print(
+        f"iris bench | preset {meta['preset']} | {meta['device']} ({meta['device_name']}) | torch {meta['torch']} "
+        f"| {meta['threads']} threads"
+    )
     loads = [" ".join(f"{x:.2f}" for x in meta[key]) for key in ("load_start", "load_end")]
     print(f"load average (1, 5, 15 min): {loads[0]} at start, {loads[1]} at end")
     print(f"median of {meta['repeats']} timed runs after {meta['warmup']} warm-up runs | {meta['perceptual']}")
     print(f"peak memory: {meta['memory']} | {meta['fast_paths']}")
     if meta["device"] == "cpu" and meta["threads"] > 1 and meta["load_start"][0] >= (os.cpu_count() or 1):
-        print("note: other processes keep every core busy; torch's threads then wait on each other, and times can be "
-              "several times longer than on an idle machine (try --threads 1)")
+        print(
+            "note: other processes keep every core busy; torch's threads then wait on each other, and times can be "
+            "several times longer than on an idle machine (try --threads 1)"
+        )
     print(f"\n{'phase':<13} {'work per run':<22} {'median s':>9} {'throughput':<28} {'peak MiB':>8}")
     for name, row in result["phases"].items():
         memory = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-        print(f"{name:<13} {row['work']:>6} {row['unit']:<15} {row['seconds']:>9.3f} "
-              f"{row['work'] / row['seconds']:>10.1f} {row['unit'] + '/s':<17} {memory:>8}")
+        print(
+            f"{name:<13} {row['work']:>6} {row['unit']:<15} {row['seconds']:>9.3f} "
+            f"{row['work'] / row['seconds']:>10.1f} {row['unit'] + '/s':<17} {memory:>8}"
+        )
     projection = result["projection"]
     if projection is None:
         print("\nprojection: needs the phases collection, tokenizer, world_model, actor_critic (and encode)")
         return
     parts = projection["epoch_parts"]
     shares = ", ".join(f"{k} {v:.0f} s ({100 * v / projection['epoch_seconds']:.0f}%)" for k, v in parts.items())
-    print(f"\nepoch at the end of collection ({cfg.env_steps_per_epoch} env steps, {cfg.training_steps_per_epoch} "
-          f"steps of each component, dataset of {projection['dataset_steps']} steps): "
-          f"{projection['epoch_seconds']:.0f} s = {shares}")
+    print(
+        f"\nepoch at the end of collection ({cfg.env_steps_per_epoch} env steps, {cfg.training_steps_per_epoch} "
+        f"steps of each component, dataset of {projection['dataset_steps']} steps): "
+        f"{projection['epoch_seconds']:.0f} s = {shares}"
+    )
     counts = ", ".join(f"{k} in {n}" for k, n in projection["epochs_per_part"].items())
     hours = projection["run_hours"]
     length = f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.1f} min"
@@ -284,8 +319,10 @@ def fast_paths(agent: Agent) -> str:
     cfg = agent.config
     with agent.autocast():
         bf16 = torch.is_autocast_enabled(agent.device.type)
-    return (f"bf16 autocast {'on' if bf16 else 'off'}, cache_tokens {cfg.cache_tokens}, fused_adam {cfg.fused_adam}, "
-            f"channels_last {cfg.channels_last}, reuse_freed_memory {cfg.reuse_freed_memory}")
+    return (
+        f"bf16 autocast {'on' if bf16 else 'off'}, cache_tokens {cfg.cache_tokens}, fused_adam {cfg.fused_adam}, "
+        f"channels_last {cfg.channels_last}, reuse_freed_memory {cfg.reuse_freed_memory}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,14 +345,24 @@ def main(argv: list[str] | None = None) -> None:
         fn, work, unit = phase(bench, name)
         phases[name] = {"work": work, "unit": unit, **measure(fn, device, args.warmup, args.repeats)}
     result = {
-        "meta": {"preset": args.preset, "device": str(device), "device_name": device_name(device),
-                 "torch": torch.__version__, "threads": torch.get_num_threads(), "load_start": load_start,
-                 "load_end": os.getloadavg(), "repeats": args.repeats, "warmup": args.warmup,
-                 "perceptual": "perceptual loss on, VGG16 with random weights (ImageNet weights are a download; "
-                 "same cost)" if cfg.tokenizer.perceptual_weight > 0 else "perceptual loss off (weight 0)",
-                 "fast_paths": fast_paths(agent),
-                 "memory": "CUDA max_memory_allocated" if device.type == "cuda" else
-                 "growth of the peak resident set size (VmHWM) over the phase, warm-up included"},
+        "meta": {
+            "preset": args.preset,
+            "device": str(device),
+            "device_name": device_name(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_start": load_start,
+            "load_end": os.getloadavg(),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "perceptual": "perceptual loss on, VGG16 with random weights (ImageNet weights are a download; same cost)"
+            if cfg.tokenizer.perceptual_weight > 0
+            else "perceptual loss off (weight 0)",
+            "fast_paths": fast_paths(agent),
+            "memory": "CUDA max_memory_allocated"
+            if device.type == "cuda"
+            else "growth of the peak resident set size (VmHWM) over the phase, warm-up included",
+        },
         "phases": phases,
         "projection": project(cfg, phases),
     }

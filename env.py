@@ -50,9 +50,32 @@ ENV_DEFAULTS = EnvConfig()
 
 # The 26 games of Atari 100k (Kaiser et al., 2020), Table 1.
 ATARI_100K_GAMES: tuple[str, ...] = (
-    "Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout", "ChopperCommand",
-    "CrazyClimber", "DemonAttack", "Freeway", "Frostbite", "Gopher", "Hero", "Jamesbond", "Kangaroo", "Krull",
-    "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert", "RoadRunner", "Seaquest", "UpNDown",
+    "Alien",
+    "Amidar",
+    "Assault",
+    "Asterix",
+    "BankHeist",
+    "BattleZone",
+    "Boxing",
+    "Breakout",
+    "ChopperCommand",
+    "CrazyClimber",
+    "DemonAttack",
+    "Freeway",
+    "Frostbite",
+    "Gopher",
+    "Hero",
+    "Jamesbond",
+    "Kangaroo",
+    "Krull",
+    "KungFuMaster",
+    "MsPacman",
+    "Pong",
+    "PrivateEye",
+    "Qbert",
+    "RoadRunner",
+    "Seaquest",
+    "UpNDown",
 )
 
 NOOP = 0  # ALE's action 0 is NOOP in every minimal action set
@@ -97,8 +120,10 @@ def canonical_game(game: str) -> str:
     if not close:  # still name something: the nearest three by similarity
         close = sorted(games, key=lambda k: -difflib.SequenceMatcher(None, _key(name), k).ratio())[:3]
     suggestions = ", ".join(games[k] for k in close)
-    raise ValueError(f"unknown Atari game {game!r}; closest valid games: {suggestions} "
-                     f"(the 26 of Atari 100k are env.ATARI_100K_GAMES; or a registered gymnasium id)")
+    raise ValueError(
+        f"unknown Atari game {game!r}; closest valid games: {suggestions} "
+        f"(the 26 of Atari 100k are env.ATARI_100K_GAMES; or a registered gymnasium id)"
+    )
 
 
 class EpisodicLife(gym.Wrapper):
@@ -146,14 +171,25 @@ def make_env(game: str, train: bool = True, seed: int | None = None, config: Env
     if not is_atari(game.strip()):
         return make_other_env(game.strip(), max_frames, seed, config)
     # The cap counts emulator frames (no-ops included), below frame skipping, as the reference's TimeLimit does.
-    env = gym.make(f"ALE/{canonical_game(game)}-v5", frameskip=1, full_action_space=False,
-                   repeat_action_probability=config.repeat_action_probability,
-                   max_episode_steps=max_frames, disable_env_checker=True)
+    env = gym.make(
+        f"ALE/{canonical_game(game)}-v5",
+        frameskip=1,
+        full_action_space=False,
+        repeat_action_probability=config.repeat_action_probability,
+        max_episode_steps=max_frames,
+        disable_env_checker=True,
+    )
     # Differs from the reference code: it resizes each frame with PIL bilinear, then takes the max over the
     # last two 64x64 frames; AtariPreprocessing takes the max at full resolution, then resizes (cv2 INTER_AREA).
     noop_max = config.noop_max if train else config.test_noop_max
-    env = AtariPreprocessing(env, noop_max=noop_max, frame_skip=config.frame_skip,
-                             screen_size=config.frame_size, terminal_on_life_loss=False, grayscale_obs=False)
+    env = AtariPreprocessing(
+        env,
+        noop_max=noop_max,
+        frame_skip=config.frame_skip,
+        screen_size=config.frame_size,
+        terminal_on_life_loss=False,
+        grayscale_obs=False,
+    )
     if train:
         env = EpisodicLife(env)
     if seed is not None:
@@ -166,11 +202,14 @@ def make_other_env(env_id: str, max_steps: int, seed: int | None, config: EnvCon
     """A registered non-Atari env with RGB frames: resized to 64x64 (cv2 INTER_AREA), episodes capped at max_steps."""
     env = gym.make(env_id, max_episode_steps=max_steps)
     space = env.observation_space
-    if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[2] == 3
-            and space.dtype == np.uint8):
+    if not (
+        isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[2] == 3 and space.dtype == np.uint8
+    ):
         env.close()
-        raise ValueError(f"{env_id}'s observations are {space}; iris needs RGB frames, a Box of shape (H, W, 3) "
-                         "and dtype uint8 (they are resized to 64x64)")
+        raise ValueError(
+            f"{env_id}'s observations are {space}; iris needs RGB frames, a Box of shape (H, W, 3) "
+            "and dtype uint8 (they are resized to 64x64)"
+        )
     if not isinstance(env.action_space, gym.spaces.Discrete):
         env.close()
         raise ValueError(f"{env_id}'s actions are {env.action_space}; iris needs a Discrete action space")
@@ -183,15 +222,17 @@ def make_other_env(env_id: str, max_steps: int, seed: int | None, config: EnvCon
     return env
 
 
-def make_vector_env(game: str, num_envs: int, train: bool = False, seed: int | None = None,
-                    config: EnvConfig = ENV_DEFAULTS) -> gym.vector.VectorEnv:
+def make_vector_env(
+    game: str, num_envs: int, train: bool = False, seed: int | None = None, config: EnvConfig = ENV_DEFAULTS
+) -> gym.vector.VectorEnv:
     """num_envs copies of make_env (env i seeded with seed + i), in worker processes when num_envs > 1.
 
     Autoreset mode SAME_STEP: the step that ends an episode returns its reward and done flag together with the
     first observation of the next episode (the last one is in info["final_obs"]), so no step is lost or doubled.
     """
-    fns = [functools.partial(make_env, game, train, None if seed is None else seed + i, config)
-           for i in range(num_envs)]
+    fns = [
+        functools.partial(make_env, game, train, None if seed is None else seed + i, config) for i in range(num_envs)
+    ]
     if num_envs > 1:
         return AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
     return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
@@ -201,9 +242,17 @@ Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]
 StepHook = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 
-def run_episodes(game: str, policy: Policy, num_episodes: int, num_envs: int = 8, seed: int | None = None,
-                 train: bool = False, config: EnvConfig = ENV_DEFAULTS, progress: bool = True,
-                 on_step: StepHook | None = None) -> list[float]:
+def run_episodes(
+    game: str,
+    policy: Policy,
+    num_episodes: int,
+    num_envs: int = 8,
+    seed: int | None = None,
+    train: bool = False,
+    config: EnvConfig = ENV_DEFAULTS,
+    progress: bool = True,
+    on_step: StepHook | None = None,
+) -> list[float]:
     """Play num_episodes whole episodes in parallel envs; their undiscounted, unclipped returns in completion order.
 
     policy(obs (n, 64, 64, 3) uint8, first (n,) bool) -> actions (n,) int, where first[i] says env i has just

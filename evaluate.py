@@ -46,8 +46,7 @@ import numpy as np
 
 SCORES_PATH = Path(__file__).with_name("scores.json")
 METRICS = ("mean", "median", "iqm", "optimality_gap")
-METRIC_LABELS = {"mean": "Mean (↑)", "median": "Median (↑)", "iqm": "IQM (↑)",
-                 "optimality_gap": "Optimality Gap (↓)"}
+METRIC_LABELS = {"mean": "Mean (↑)", "median": "Median (↑)", "iqm": "IQM (↑)", "optimality_gap": "Optimality Gap (↓)"}
 
 
 @dataclass
@@ -126,8 +125,9 @@ def _aggregates(per_game: list[np.ndarray], threshold: float) -> dict[str, np.nd
     }
 
 
-def aggregate_metrics(hns_by_game: dict[str, list[float]],
-                      threshold: float = EvalConfig.optimality_threshold) -> dict[str, float]:
+def aggregate_metrics(
+    hns_by_game: dict[str, list[float]], threshold: float = EvalConfig.optimality_threshold
+) -> dict[str, float]:
     """Point estimates of mean, median, IQM, optimality gap and #superhuman games (Table 1) of HNS per run."""
     per_game = [np.asarray(runs, dtype=np.float64) for runs in hns_by_game.values()]
     metrics = {name: float(value) for name, value in _aggregates(per_game, threshold).items()}
@@ -223,8 +223,9 @@ def aggregate_runs(paths: list[Path], config: EvalConfig, scores: dict | None = 
     if hns_by_game:
         rng = np.random.default_rng(config.seed)
         ours = aggregate_metrics(hns_by_game, config.optimality_threshold)
-        cis = stratified_bootstrap_ci(hns_by_game, rng, config.bootstrap_reps, config.confidence,
-                                      config.optimality_threshold)
+        cis = stratified_bootstrap_ci(
+            hns_by_game, rng, config.bootstrap_reps, config.confidence, config.optimality_threshold
+        )
         result["metrics"] = {name: {"value": ours[name], "ci": list(cis[name])} for name in METRICS}
         result["metrics"]["superhuman"] = {"value": ours["superhuman"], "ci": None}
         iris_hns = {g: human_normalized(reference(g, "iris", scores), g, scores)[0] for g in hns_by_game}
@@ -239,22 +240,30 @@ def format_table(result: dict) -> str:
     rows = [header, "-" * len(header)]
     for game, row in sorted(result["games"].items()):
         cells = [_fmt(row["random"], ".1f"), _fmt(row["human"], ".1f"), _fmt(row["iris_paper"], ".1f")]
-        rows.append(f"{game:<18}{cells[0]:>10}{cells[1]:>10}{cells[2]:>14}{row['mean_return']:>11.1f}"
-                    f"{len(row['returns_per_run']):>6}")
+        rows.append(
+            f"{game:<18}{cells[0]:>10}{cells[1]:>10}{cells[2]:>14}{row['mean_return']:>11.1f}"
+            f"{len(row['returns_per_run']):>6}"
+        )
     rows.append("-" * len(header))
     if "metrics" in result:
         paper = result.get("iris_paper_metrics", {})
         ours = result["metrics"]
-        rows.append(f"{'#Superhuman (↑)':<18}{'0':>10}{'N/A':>10}{_fmt(paper.get('superhuman'), 'd'):>14}"
-                    f"{ours['superhuman']['value']:>11d}")
+        rows.append(
+            f"{'#Superhuman (↑)':<18}{'0':>10}{'N/A':>10}{_fmt(paper.get('superhuman'), 'd'):>14}"
+            f"{ours['superhuman']['value']:>11d}"
+        )
         for name in METRICS:
             random_value, human_value = (1.0, 0.0) if name == "optimality_gap" else (0.0, 1.0)
             low, high = ours[name]["ci"]
-            rows.append(f"{METRIC_LABELS[name]:<18}{random_value:>10.3f}{human_value:>10.3f}"
-                        f"{_fmt(paper.get(name), '.3f'):>14}{ours[name]['value']:>11.3f}  [{low:.3f}, {high:.3f}]")
+            rows.append(
+                f"{METRIC_LABELS[name]:<18}{random_value:>10.3f}{human_value:>10.3f}"
+                f"{_fmt(paper.get(name), '.3f'):>14}{ours[name]['value']:>11.3f}  [{low:.3f}, {high:.3f}]"
+            )
         level = round(100 * result["confidence"])
-        rows.append(f"Aggregates over the {len(result['games']) - len(result['excluded'])} games with HNS; "
-                    f"[ ] = {level}% stratified bootstrap CI; IRIS (paper) = its 5 published runs on the same games.")
+        rows.append(
+            f"Aggregates over the {len(result['games']) - len(result['excluded'])} games with HNS; "
+            f"[ ] = {level}% stratified bootstrap CI; IRIS (paper) = its 5 published runs on the same games."
+        )
     for game, reason in result["excluded"].items():
         rows.append(f"{game}: {reason}; left out of the aggregates.")
     return "\n".join(rows)
@@ -309,8 +318,10 @@ def load_authors_agent(path: Path, game: str | None, device: str):
 
     path = Path(path)
     if not path.is_file():
-        raise EvaluationError(f"{path}: no such file; download one of the authors' agents, e.g. "
-                              f"curl -LO https://huggingface.co/eloialonso/iris/resolve/main/pretrained_models/Pong.pt")
+        raise EvaluationError(
+            f"{path}: no such file; download one of the authors' agents, e.g. "
+            f"curl -LO https://huggingface.co/eloialonso/iris/resolve/main/pretrained_models/Pong.pt"
+        )
     try:
         game = canonical_game(game or path.stem)
         agent = Agent.from_authors_checkpoint(path, game, pick_device(device))
@@ -376,8 +387,9 @@ def save_video(frames: list[np.ndarray], tokenizer, path: Path, config: EvalConf
     return write_video(video, path, config.record_fps)
 
 
-def summarize_returns(game: str, returns: list[float], config: EvalConfig, temperature: float,
-                      scores: dict | None = None) -> dict:
+def summarize_returns(
+    game: str, returns: list[float], config: EvalConfig, temperature: float, scores: dict | None = None
+) -> dict:
     """Mean return with a bootstrap CI and the HNS (or the reason there is none), as written to eval.json."""
     rng = np.random.default_rng(config.seed)
     mean_return = float(np.mean(returns))
@@ -415,15 +427,26 @@ def format_result(result: dict) -> str:
         lines.append(f"human-normalised score: none ({result['hns_note']})")
     else:
         low, high = result["hns_ci"]
-        lines.append(f"human-normalised score {result['hns']:.3f} ({level}% CI [{low:.3f}, {high:.3f}]) "
-                     f"with Random {result['random_score']:g} and Human {result['human_score']:g} (Table 1)")
+        lines.append(
+            f"human-normalised score {result['hns']:.3f} ({level}% CI [{low:.3f}, {high:.3f}]) "
+            f"with Random {result['random_score']:g} and Human {result['human_score']:g} (Table 1)"
+        )
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(path: Path, config: EvalConfig, game: str | None = None, device: str = "auto",
-                        record: bool = False, out: Path | None = None, progress: bool = True,
-                        episodes: int | None = None, envs: int | None = None,
-                        temperature: float | None = None, authors: bool = False) -> dict:
+def evaluate_checkpoint(
+    path: Path,
+    config: EvalConfig,
+    game: str | None = None,
+    device: str = "auto",
+    record: bool = False,
+    out: Path | None = None,
+    progress: bool = True,
+    episodes: int | None = None,
+    envs: int | None = None,
+    temperature: float | None = None,
+    authors: bool = False,
+) -> dict:
     """Play test episodes with a checkpoint's agent; write eval.json (or out) and return it.
 
     episodes, envs and temperature default to the agent's final_eval_episodes, eval_envs and eval_temperature.
@@ -450,12 +473,26 @@ def evaluate_checkpoint(path: Path, config: EvalConfig, game: str | None = None,
     env_config = agent.config.env
     if env_config != EnvConfig():
         print(f"warning: {game}'s env config differs from the paper's protocol: {env_config}", file=sys.stderr)
-    returns = run_episodes(game, policy, episodes, num_envs=num_envs, seed=config.seed, train=False,
-                           config=env_config, progress=progress, on_step=None if recorder is None else recorder.on_step)
+    returns = run_episodes(
+        game,
+        policy,
+        episodes,
+        num_envs=num_envs,
+        seed=config.seed,
+        train=False,
+        config=env_config,
+        progress=progress,
+        on_step=None if recorder is None else recorder.on_step,
+    )
     result = summarize_returns(game, returns, config, temperature)
     checkpoint_path = Path(path) if authors else resolve_checkpoint(path)
-    result.update(checkpoint=str(checkpoint_path), max_frames=env_config.max_test_frames,
-                  epoch=checkpoint.get("epoch"), env_steps=checkpoint.get("env_steps"), video=None)
+    result.update(
+        checkpoint=str(checkpoint_path),
+        max_frames=env_config.max_test_frames,
+        epoch=checkpoint.get("epoch"),
+        env_steps=checkpoint.get("env_steps"),
+        video=None,
+    )
     out = out or checkpoint_path.with_name("eval.json" if not authors else f"{checkpoint_path.stem}_eval.json")
     if recorder is not None and recorder.best_frames:
         video = out.with_name(f"best_episode.{config.record_format}")
@@ -473,8 +510,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = EvalConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
-    parser.add_argument("--authors_checkpoint", type=Path, metavar="GAME.pt",
-                        help="evaluate one of the authors' published agents (README: The authors' agents)")
+    parser.add_argument(
+        "--authors_checkpoint",
+        type=Path,
+        metavar="GAME.pt",
+        help="evaluate one of the authors' published agents (README: The authors' agents)",
+    )
     parser.add_argument("--aggregate", action="store_true", help="aggregate many runs (games x seeds)")
     parser.add_argument("--episodes", type=int, help="test episodes (default: the agent's final_eval_episodes, 100)")
     parser.add_argument("--envs", type=int, help="parallel test environments (default: the agent's eval_envs)")
@@ -514,9 +555,18 @@ def main(argv: list[str] | None = None) -> None:
                 args.out.write_text(json.dumps(result, indent=2) + "\n")
                 print(f"wrote {args.out}")
             return
-        result = evaluate_checkpoint(args.paths[0], config, args.game, args.device, args.record, args.out,
-                                     episodes=args.episodes, envs=args.envs, temperature=args.temperature,
-                                     authors=args.authors_checkpoint is not None)
+        result = evaluate_checkpoint(
+            args.paths[0],
+            config,
+            args.game,
+            args.device,
+            args.record,
+            args.out,
+            episodes=args.episodes,
+            envs=args.envs,
+            temperature=args.temperature,
+            authors=args.authors_checkpoint is not None,
+        )
     except EvaluationError as error:
         sys.exit(f"evaluate.py: error: {error}")
     print(format_result(result))

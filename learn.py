@@ -50,8 +50,17 @@ ADAM_BETAS = (0.9, 0.999)  # Adam β1, β2, Table 5
 
 # The sizes found to learn Pong on one CPU core (see /work/scratch/learn_results.md); the paper's are in
 # TokenizerConfig and WorldModelConfig. perceptual_weight 0: VGG16's ImageNet weights cannot be downloaded here.
-TOKENIZER_SMALL = dict(ch=16, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=32,
-                       vocab_size=512, embed_dim=32, num_groups=8, perceptual_weight=0.0)
+TOKENIZER_SMALL = dict(
+    ch=16,
+    ch_mult=(1, 1, 1, 1, 1),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    z_channels=32,
+    vocab_size=512,
+    embed_dim=32,
+    num_groups=8,
+    perceptual_weight=0.0,
+)
 WORLD_MODEL_SMALL = dict(max_timesteps=8, embed_dim=64, num_layers=2, num_heads=4)
 
 
@@ -88,8 +97,10 @@ def load_data(out: Path, game: str, seed: int) -> tuple[ReplayBuffer, ReplayBuff
         buffers.append(ReplayBuffer.load(path))
     for name, buffer in zip(("train", "heldout"), buffers):
         rewards, ends = buffer._data["rewards"][: len(buffer)], buffer._data["ends"][: len(buffer)]
-        print(f"{name}: {len(buffer)} steps, {buffer.num_episodes} episodes, {int((rewards > 0).sum())} rewards +1, "
-              f"{int((rewards < 0).sum())} rewards -1, {int(ends.sum())} ends")
+        print(
+            f"{name}: {len(buffer)} steps, {buffer.num_episodes} episodes, {int((rewards > 0).sum())} rewards +1, "
+            f"{int((rewards < 0).sum())} rewards -1, {int(ends.sum())} ends"
+        )
     return buffers[0], buffers[1]
 
 
@@ -123,12 +134,14 @@ def tokenizer_metrics(tokenizer: Tokenizer, frames: torch.Tensor, median: torch.
     pairs = ~same_frame  # ordered pairs (i, j) of different frames
     # Token discrimination: x̂_i strictly closer to x_i than x̂_j is; equal tokens (collapse) count as failures.
     closer = distances.diagonal().unsqueeze(1) < distances  # (B, B)
-    return {"l1": (x - x_hat).abs().mean().item(),
-            "fg_l1": (x - x_hat).abs()[fg].mean().item(),
-            "fg_l1_median": (x - median).abs()[fg].mean().item(),
-            "discrimination": closer[pairs].float().mean().item(),
-            "codes_used": len(tokens.unique()),
-            "distinct_frames": len(tokens.unique(dim=0))}
+    return {
+        "l1": (x - x_hat).abs().mean().item(),
+        "fg_l1": (x - x_hat).abs()[fg].mean().item(),
+        "fg_l1_median": (x - median).abs()[fg].mean().item(),
+        "discrimination": closer[pairs].float().mean().item(),
+        "codes_used": len(tokens.unique()),
+        "distinct_frames": len(tokens.unique(dim=0)),
+    }
 
 
 def save_reconstructions(tokenizer: Tokenizer, frames: torch.Tensor, path: Path) -> None:
@@ -147,7 +160,7 @@ def picture_frames(buffer: ReplayBuffer, median: torch.Tensor, count: int) -> to
     frames = buffer.observations
     foreground = ((to_unit(frames) - median).abs().amax(dim=1) > FOREGROUND_THRESHOLD).flatten(1).sum(1)  # (B,)
     stride = len(frames) // count
-    picks = [i * stride + int(foreground[i * stride:(i + 1) * stride].argmax()) for i in range(count)]
+    picks = [i * stride + int(foreground[i * stride : (i + 1) * stride].argmax()) for i in range(count)]
     return frames[picks]
 
 
@@ -157,22 +170,46 @@ def train_tokenizer(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     median = to_unit(train.observations[torch.randperm(len(train))[:MEDIAN_FRAMES]]).median(dim=0).values  # (3,64,64)
     eval_frames = heldout.observations[torch.randperm(len(heldout))[:EVAL_FRAMES]]  # (EVAL_FRAMES, 3, 64, 64)
-    config = TokenizerConfig(**{**TOKENIZER_SMALL, "vocab_size": args.vocab_size, "embed_dim": args.embed_dim,
-                                "ch": args.ch, "z_channels": args.z_channels,
-                                "reconstruction_loss": args.reconstruction_loss})
+    config = TokenizerConfig(
+        **{
+            **TOKENIZER_SMALL,
+            "vocab_size": args.vocab_size,
+            "embed_dim": args.embed_dim,
+            "ch": args.ch,
+            "z_channels": args.z_channels,
+            "reconstruction_loss": args.reconstruction_loss,
+        }
+    )
     tokenizer = Tokenizer(config)
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.lr, betas=ADAM_BETAS)
-    print(f"tokenizer {config}\n{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, "
-          f"lr {args.lr}")
-    columns = ["step", "minutes", "loss", "l1", "fg_l1", "fg_l1_median", "discrimination", "codes_used",
-               "distinct_frames"]
+    print(
+        f"tokenizer {config}\n{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, "
+        f"lr {args.lr}"
+    )
+    columns = [
+        "step",
+        "minutes",
+        "loss",
+        "l1",
+        "fg_l1",
+        "fg_l1_median",
+        "discrimination",
+        "codes_used",
+        "distinct_frames",
+    ]
     table = Table(columns, out / "tokenizer_metrics.csv")
     start = time.time()
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
         if step % args.eval_every == 0 or last:
-            table.row({"step": step, "minutes": (time.time() - start) / 60, "loss": losses["total"].item() if step
-                       else float("nan"), **tokenizer_metrics(tokenizer, eval_frames, median)})
+            table.row(
+                {
+                    "step": step,
+                    "minutes": (time.time() - start) / 60,
+                    "loss": losses["total"].item() if step else float("nan"),
+                    **tokenizer_metrics(tokenizer, eval_frames, median),
+                }
+            )
         if last:
             break
         if args.restart_every and step % args.restart_every == 0 and step:
@@ -208,8 +245,7 @@ def load_tokenizer(out: Path) -> Tokenizer:
 # Stage 2: the world model
 
 
-def segment_batch(buffer: ReplayBuffer, tokens: torch.Tensor, batch_size: int, length: int
-                  ) -> dict[str, torch.Tensor]:
+def segment_batch(buffer: ReplayBuffer, tokens: torch.Tensor, batch_size: int, length: int) -> dict[str, torch.Tensor]:
     """B segments of T steps (Appendix A.2) with their tokens z_t (B, T, K) looked up from the encoded data set."""
     batch = buffer.sample(batch_size, length)
     batch["tokens"] = tokens[batch["index"]]  # (B, T, K)
@@ -220,8 +256,9 @@ def fixed_segments(buffer: ReplayBuffer, tokens: torch.Tensor, length: int) -> d
     """The held-out segments, the same at every evaluation: they tile each episode backwards from its last step,
     without overlap, so each real step is scored at most once and every episode end d_t = 1 is inside one."""
     starts, lengths = buffer._episode_table()
-    index = torch.cat([torch.arange(s + n - length, s - 1, -length) for s, n in zip(starts.tolist(), lengths.tolist())
-                       if n >= length])  # (S,) first step of each segment
+    index = torch.cat(
+        [torch.arange(s + n - length, s - 1, -length) for s, n in zip(starts.tolist(), lengths.tolist()) if n >= length]
+    )  # (S,) first step of each segment
     steps = index[:, None] + torch.arange(length)  # (S, T)
     data = {name: buffer._data[name][: len(buffer)][steps] for name in ("actions", "rewards", "ends")}
     data["ends"] = data["ends"].long()
@@ -239,13 +276,13 @@ def world_model_metrics(model: WorldModel, data: dict[str, torch.Tensor]) -> dic
     correct, copy_correct, changed_correct, changed, total = 0, 0, 0, 0, 0
     reward_pred, reward_true, end_pred, end_true = [], [], [], []
     for chunk in range(0, len(data["tokens"]), EVAL_SEGMENTS):
-        part = {k: v[chunk:chunk + EVAL_SEGMENTS] for k, v in data.items()}
+        part = {k: v[chunk : chunk + EVAL_SEGMENTS] for k, v in data.items()}
         obs_tokens = part["tokens"]  # (B, T, K)
         B, T, _ = obs_tokens.shape
         hidden = model(torch.cat([obs_tokens, part["actions"].unsqueeze(-1)], -1).flatten(1))  # (B, T(K+1), D)
         hidden = hidden.view(B, T, K + 1, -1)  # (B, T, K+1, D)
         # Position k of step t (k = K is a_t) predicts frame token k+1 of step t+1 -> outputs K..2K-1 of the pair.
-        frame_hidden = torch.cat([hidden[:, :-1, K:], hidden[:, 1:, :K - 1]], dim=2)  # (B, T-1, K, D)
+        frame_hidden = torch.cat([hidden[:, :-1, K:], hidden[:, 1:, : K - 1]], dim=2)  # (B, T-1, K, D)
         predicted = model.head_observations(frame_hidden).argmax(-1)  # (B, T-1, K)
         target, previous = obs_tokens[:, 1:], obs_tokens[:, :-1]  # (B, T-1, K)
         moving = target != previous
@@ -259,8 +296,11 @@ def world_model_metrics(model: WorldModel, data: dict[str, torch.Tensor]) -> dic
         end_pred.append(model.head_ends(hidden[:, :, K]).argmax(-1))
         end_true.append(part["ends"])
     model.train(was_training)
-    metrics = {"token_acc": correct / total, "copy_acc": copy_correct / total,
-               "changed_acc": changed_correct / max(changed, 1)}
+    metrics = {
+        "token_acc": correct / total,
+        "copy_acc": copy_correct / total,
+        "changed_acc": changed_correct / max(changed, 1),
+    }
     for name, pred, true in (("reward", reward_pred, reward_true), ("end", end_pred, end_true)):
         pred, true = torch.cat(pred).flatten(), torch.cat(true).flatten()
         hits = ((pred == true) & (true != 0)).sum().item()
@@ -276,24 +316,48 @@ def train_world_model(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(out)
     tokens = {name: torch.load(out / f"tokens_{name}.pt") for name in ("train", "heldout")}  # (len, K) each
     torch.manual_seed(args.seed)
-    config = WorldModelConfig(**{**WORLD_MODEL_SMALL, "embed_dim": args.wm_embed_dim, "num_layers": args.num_layers,
-                                 "max_timesteps": args.timesteps})
+    config = WorldModelConfig(
+        **{
+            **WORLD_MODEL_SMALL,
+            "embed_dim": args.wm_embed_dim,
+            "num_layers": args.num_layers,
+            "max_timesteps": args.timesteps,
+        }
+    )
     num_actions = int(train._data["actions"][: len(train)].max()) + 1
     model = WorldModel(config, tokenizer.config.vocab_size, tokenizer.config.tokens_per_frame, num_actions)
     optimizer = model.configure_optimizer(args.lr, ADAM_BETAS)
     heldout_data = fixed_segments(heldout, tokens["heldout"], config.max_timesteps)
-    print(f"world model {config}\n{sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch}, "
-          f"lr {args.lr}; held-out: {len(heldout_data['tokens'])} segments of {config.max_timesteps} steps, "
-          f"{int((heldout_data['rewards'] != 0).sum())} nonzero rewards, {int(heldout_data['ends'].sum())} ends")
-    columns = ["step", "minutes", "loss", "token_acc", "copy_acc", "changed_acc", "reward_precision", "reward_recall",
-               "end_precision", "end_recall"]
+    print(
+        f"world model {config}\n{sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch}, "
+        f"lr {args.lr}; held-out: {len(heldout_data['tokens'])} segments of {config.max_timesteps} steps, "
+        f"{int((heldout_data['rewards'] != 0).sum())} nonzero rewards, {int(heldout_data['ends'].sum())} ends"
+    )
+    columns = [
+        "step",
+        "minutes",
+        "loss",
+        "token_acc",
+        "copy_acc",
+        "changed_acc",
+        "reward_precision",
+        "reward_recall",
+        "end_precision",
+        "end_recall",
+    ]
     table = Table(columns, out / "world_model_metrics.csv")
     start = time.time()
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
         if step % args.eval_every == 0 or last:
-            table.row({"step": step, "minutes": (time.time() - start) / 60, "loss": losses["total"].item() if step
-                       else float("nan"), **world_model_metrics(model, heldout_data)})
+            table.row(
+                {
+                    "step": step,
+                    "minutes": (time.time() - start) / 60,
+                    "loss": losses["total"].item() if step else float("nan"),
+                    **world_model_metrics(model, heldout_data),
+                }
+            )
         if last:
             break
         batch = segment_batch(train, tokens["train"], args.batch, config.max_timesteps)
@@ -308,8 +372,9 @@ def train_world_model(args: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def save_dream(tokenizer: Tokenizer, model: WorldModel, buffer: ReplayBuffer, tokens: torch.Tensor, path: Path,
-               seed: int) -> None:
+def save_dream(
+    tokenizer: Tokenizer, model: WorldModel, buffer: ReplayBuffer, tokens: torch.Tensor, path: Path, seed: int
+) -> None:
     """GIF: for DREAM_TRAJECTORIES real held-out starts, the real frames (top) above G's imagination (bottom),
     driven by the recorded actions."""
     from PIL import Image

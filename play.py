@@ -71,16 +71,20 @@ def key_mapping(meanings: list[str], game: str = "this game") -> dict[frozenset[
         else:
             unknown.append(meaning)
     if unknown:
-        raise PlayError(f"no keys for {game}'s actions {', '.join(unknown)}: --human maps only NOOP and "
-                        f"{', '.join(DIRECTIONS)} and their combinations; watch it or use --dream instead")
+        raise PlayError(
+            f"no keys for {game}'s actions {', '.join(unknown)}: --human maps only NOOP and "
+            f"{', '.join(DIRECTIONS)} and their combinations; watch it or use --dream instead"
+        )
     return mapping
 
 
 def action_for(pressed: set[str], mapping: dict[frozenset[str], int]) -> int:
     """The action of the keys pressed; else of the most of them that form an action, moving rather than firing on a
     tie (Right + Space in Breakout, which has no RIGHTFIRE, is RIGHT); NOOP when none is pressed."""
-    best = max(((len(keys), "FIRE" not in keys, -action) for keys, action in mapping.items() if keys <= pressed),
-               default=(0, True, -NOOP))
+    best = max(
+        ((len(keys), "FIRE" not in keys, -action) for keys, action in mapping.items() if keys <= pressed),
+        default=(0, True, -NOOP),
+    )
     return -best[2]
 
 
@@ -163,8 +167,9 @@ class Watch:
 
     def view(self) -> View:
         screen = self.env.unwrapped.ale.getScreenRGB()  # (210, 160, 3): the full screen is more readable than x_t
-        return View(screen, to_image(self.seen), self.policy.probs().cpu().numpy(), self.policy.value, self.ret,
-                    self.steps)
+        return View(
+            screen, to_image(self.seen), self.policy.probs().cpu().numpy(), self.policy.value, self.ret, self.steps
+        )
 
     @torch.no_grad()
     def advance(self, action: int | None = None) -> int:
@@ -202,9 +207,9 @@ class StartFrames:
             if terminated or truncated:
                 obs, frames = self.env.reset()[0], []
             frames.append(obs)
-        frames = frames[-self.length:]
+        frames = frames[-self.length :]
         padded = np.zeros((self.length, *frames[0].shape), dtype=np.uint8)  # (burn_in + 1, 64, 64, 3)
-        padded[self.length - len(frames):] = np.stack(frames)
+        padded[self.length - len(frames) :] = np.stack(frames)
         mask = torch.arange(self.length, device=self.device) >= self.length - len(frames)
         return torch.as_tensor(padded, device=self.device).permute(0, 3, 1, 2), mask  # (burn_in + 1, 3, 64, 64)
 
@@ -232,8 +237,16 @@ class Dream:
         self.ret, self.steps, self.reward, self.end = 0.0, 0, None, False
 
     def view(self) -> View:
-        return View(to_image(self.start), to_image(self.frame), self.policy.probs().cpu().numpy(), self.policy.value,
-                    self.ret, self.steps, self.reward, self.end)
+        return View(
+            to_image(self.start),
+            to_image(self.frame),
+            self.policy.probs().cpu().numpy(),
+            self.policy.value,
+            self.ret,
+            self.steps,
+            self.reward,
+            self.end,
+        )
 
     @torch.no_grad()
     def advance(self, action: int | None = None) -> int | None:
@@ -256,7 +269,7 @@ class Dream:
 
 def put_text(image: np.ndarray, text: str, x: int, y: int, color=WHITE, scale: float = FONT_SCALE) -> None:
     (width, height), below = cv2.getTextSize(text, FONT, scale, 1)
-    image[max(y - height - 2, 0):y + below, x - 2:x + width + 2] = 0  # a black box: readable on any frame
+    image[max(y - height - 2, 0) : y + below, x - 2 : x + width + 2] = 0  # a black box: readable on any frame
     cv2.putText(image, text, (x, y), FONT, scale, color, 1, cv2.LINE_AA)
 
 
@@ -268,19 +281,25 @@ class Screen:
         self.labels = [m if len(meanings) <= 8 else re.sub("|".join(short), lambda x: short[x[0]], m) for m in meanings]
         self.mode, self.game = mode, game
         self.lines = textwrap.wrap(f"keys: {keys}", LINE_CHARS) + [CONTROLS] if keys else [CONTROLS]
-        self.captions = (("real frame", "agent's view D(E(x))") if mode == "watch"
-                         else ("real frame the dream started from", "imagined frame"))
+        self.captions = (
+            ("real frame", "agent's view D(E(x))")
+            if mode == "watch"
+            else ("real frame the dream started from", "imagined frame")
+        )
 
     def draw(self, view: View, temperature: float, speed: float) -> np.ndarray:
         """(HEIGHT, WIDTH, 3) uint8 RGB."""
         image = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
         box = RED if view.end else YELLOW if (view.reward or 0) > 0 else DARK  # Figure 4; an end above a reward
         inner = PANEL - 2 * BORDER
-        for left, frame, color, caption in ((0, view.real, DARK, self.captions[0]),
-                                            (PANEL, view.seen, box, self.captions[1])):
-            image[:PANEL, left:left + PANEL] = color
-            image[BORDER:PANEL - BORDER, left + BORDER:left + PANEL - BORDER] = cv2.resize(
-                frame, (inner, inner), interpolation=cv2.INTER_NEAREST)  # (inner, inner, 3)
+        for left, frame, color, caption in (
+            (0, view.real, DARK, self.captions[0]),
+            (PANEL, view.seen, box, self.captions[1]),
+        ):
+            image[:PANEL, left : left + PANEL] = color
+            image[BORDER : PANEL - BORDER, left + BORDER : left + PANEL - BORDER] = cv2.resize(
+                frame, (inner, inner), interpolation=cv2.INTER_NEAREST
+            )  # (inner, inner, 3)
             put_text(image, caption, left + BORDER + 4, BORDER + 16)
         status = f"{self.mode} {self.game} | step {view.step} | return {view.ret:g} | V {view.value:.3f}"
         if view.reward is not None:
@@ -315,16 +334,23 @@ def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def run_window(player: Watch | Dream, screen: Screen, fps: float, mapping: dict[frozenset[str], int] | None = None
-               ) -> int:
+def run_window(
+    player: Watch | Dream, screen: Screen, fps: float, mapping: dict[frozenset[str], int] | None = None
+) -> int:
     """The pygame window until Q, Esc or closing it; with a mapping, the human acts. Returns the images shown."""
     try:
         import pygame
     except ImportError as error:
-        raise PlayError("the window needs pygame (pip install -r requirements.txt); or record: --record play.mp4"
-                        ) from error
-    held_keys = {pygame.K_UP: "UP", pygame.K_DOWN: "DOWN", pygame.K_LEFT: "LEFT", pygame.K_RIGHT: "RIGHT",
-                 pygame.K_SPACE: "FIRE"}
+        raise PlayError(
+            "the window needs pygame (pip install -r requirements.txt); or record: --record play.mp4"
+        ) from error
+    held_keys = {
+        pygame.K_UP: "UP",
+        pygame.K_DOWN: "DOWN",
+        pygame.K_LEFT: "LEFT",
+        pygame.K_RIGHT: "RIGHT",
+        pygame.K_SPACE: "FIRE",
+    }
     speed_keys = {pygame.K_LEFTBRACKET: -1, pygame.K_RIGHTBRACKET: 1}
     temperature_keys = {pygame.K_MINUS: -1, pygame.K_EQUALS: 1}
     pygame.display.init()  # not pygame.init(): no audio device is needed (or opened)
@@ -361,8 +387,7 @@ def run_window(player: Watch | Dream, screen: Screen, fps: float, mapping: dict[
         clock.tick(fps)
 
 
-def make_player(agent: Agent, mode: str, run_dir: Path, seed: int, temperature: float, horizon: int
-                ) -> Watch | Dream:
+def make_player(agent: Agent, mode: str, run_dir: Path, seed: int, temperature: float, horizon: int) -> Watch | Dream:
     """The real game (mode "watch") or the dream ("dream", "human"); torch's random stream is seeded here."""
     torch.manual_seed(seed)  # the world model's draws
     policy = Policy(agent, temperature, seed)
@@ -397,8 +422,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.record is not None and args.record.suffix.lower() not in (".mp4", ".gif"):
         parser.error(f"--record writes .mp4 or .gif, by the file's extension; got {args.record.name}")
     if args.record is None and not has_display():
-        parser.error("no display available (DISPLAY and WAYLAND_DISPLAY are unset) to open a window; record a "
-                     f"video headless instead: python play.py {args.run_dir} --record play.mp4 --steps 300")
+        parser.error(
+            "no display available (DISPLAY and WAYLAND_DISPLAY are unset) to open a window; record a "
+            f"video headless instead: python play.py {args.run_dir} --record play.mp4 --steps 300"
+        )
     if min(args.steps, 1 if args.horizon is None else args.horizon) < 1 or args.fps <= 0 or (args.temperature or 0) < 0:
         parser.error("--steps and --horizon must be at least 1, --fps above 0 and --temperature at least 0")
     return args

@@ -47,14 +47,17 @@ def _crc32(tensor: torch.Tensor) -> int:
 class ReplayBuffer:
     """Steps in arrival order; episodes are contiguous runs of steps, described by the index of their first step."""
 
-    def __init__(self, obs_shape: tuple[int, ...] = (3, 64, 64), chunk_size: int = 10_000,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self, obs_shape: tuple[int, ...] = (3, 64, 64), chunk_size: int = 10_000, device: str | torch.device = "cpu"
+    ):
         self.obs_shape = tuple(obs_shape)
         self.chunk_size = chunk_size  # steps added per growth: 10k frames are 123 MB
         self.device = torch.device(device)
         self._size = 0
-        self._data = {name: torch.empty((0, *self.obs_shape) if name == "observations" else (0,), dtype=dtype,
-                                        device=self.device) for name, dtype in DTYPES.items()}
+        self._data = {
+            name: torch.empty((0, *self.obs_shape) if name == "observations" else (0,), dtype=dtype, device=self.device)
+            for name, dtype in DTYPES.items()
+        }
         self._episode_starts: list[int] = []  # index of each episode's first step
         self._episode_open = False  # the last episode is still being collected
         self._starts_tensor: torch.Tensor | None = None  # (E,) cache of _episode_starts on self.device
@@ -80,8 +83,9 @@ class ReplayBuffer:
         bounds = self._episode_starts + [self._size]
         return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def add(self, obs: np.ndarray | torch.Tensor, action: int, reward: float, terminated: bool,
-            truncated: bool = False) -> None:
+    def add(
+        self, obs: np.ndarray | torch.Tensor, action: int, reward: float, terminated: bool, truncated: bool = False
+    ) -> None:
         """One real step {x_t, a_t, r_t, d_t}: x_t is the frame a_t was taken in, (64, 64, 3) HWC or (3, 64, 64).
 
         d_t stores `terminated` only: a time-limit truncation closes the episode but is not an end of the MDP.
@@ -125,8 +129,10 @@ class ReplayBuffer:
         if tuple(frame.shape) != self.obs_shape and tuple(frame.shape[-1:] + frame.shape[:-1]) == self.obs_shape:
             frame = frame.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
         if tuple(frame.shape) != self.obs_shape or frame.dtype != torch.uint8:
-            raise ValueError(f"expected a uint8 frame of shape {self.obs_shape} or its HWC transpose, "
-                             f"got {frame.dtype} {tuple(frame.shape)}")
+            raise ValueError(
+                f"expected a uint8 frame of shape {self.obs_shape} or its HWC transpose, "
+                f"got {frame.dtype} {tuple(frame.shape)}"
+            )
         return frame
 
     def _grow(self, min_capacity: int) -> None:
@@ -152,8 +158,13 @@ class ReplayBuffer:
         """One uniform integer in [0, high_i) per row; exact integer arithmetic (high is at most a few million)."""
         return torch.randint(0, 2**62, high.shape, device=self.device) % high
 
-    def sample(self, batch_size: int, sequence_length: int, sample_from_start: bool = True,
-               device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    def sample(
+        self,
+        batch_size: int,
+        sequence_length: int,
+        sample_from_start: bool = True,
+        device: str | torch.device | None = None,
+    ) -> dict[str, torch.Tensor]:
         """B segments of T steps from uniformly chosen episodes, as one gather.
 
         sample_from_start=True: a segment starts at a uniform step of its episode, padded at the end.
@@ -200,8 +211,8 @@ class ReplayBuffer:
         mask = torch.zeros(n, dtype=torch.bool, device=self.device)
         count = self._size - first
         if count > 0:
-            frames[n - count:] = self._data["observations"][first:self._size]
-            mask[n - count:] = True
+            frames[n - count :] = self._data["observations"][first : self._size]
+            mask[n - count :] = True
         return frames, mask
 
     def sample_frames(self, batch_size: int, device: str | torch.device | None = None) -> torch.Tensor:
@@ -228,19 +239,33 @@ class ReplayBuffer:
             return  # no new step (epochs after the collection epochs)
         path.mkdir(parents=True, exist_ok=True)
         # A copy: torch.save writes a view's whole storage, preallocated slack included.
-        data = {name: t[start: self._size].to("cpu", copy=True) for name, t in self._data.items()}
+        data = {name: t[start : self._size].to("cpu", copy=True) for name, t in self._data.items()}
         starts = [s for s in self._episode_starts if s >= start]
-        atomic_save({"format": FILE_FORMAT, "obs_shape": list(self.obs_shape), "start": start, **data,
-                     "episode_starts": torch.tensor(starts, dtype=torch.int64), "episode_open": self._episode_open,
-                     "crc32": {name: _crc32(t) for name, t in data.items()}}, path / CHUNK_NAME.format(start))
+        atomic_save(
+            {
+                "format": FILE_FORMAT,
+                "obs_shape": list(self.obs_shape),
+                "start": start,
+                **data,
+                "episode_starts": torch.tensor(starts, dtype=torch.int64),
+                "episode_open": self._episode_open,
+                "crc32": {name: _crc32(t) for name, t in data.items()},
+            },
+            path / CHUNK_NAME.format(start),
+        )
         for chunk in _chunk_files(path):
             if _chunk_start(chunk) > start:
                 chunk.unlink()
         self._saved_to, self._saved = path, self._size
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", chunk_size: int = 10_000,
-             num_steps: int | None = None) -> ReplayBuffer:
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        chunk_size: int = 10_000,
+        num_steps: int | None = None,
+    ) -> ReplayBuffer:
         """The dataset saved in the folder path (or the single file of iris-replay-v1), its first num_steps steps if
         given (the steps a checkpoint names: chunks past them are not read). A missing, truncated or corrupt chunk
         among those read raises an error naming it."""
@@ -254,8 +279,9 @@ class ReplayBuffer:
             state = _read_chunk(file)
             shape = states[0]["obs_shape"] if states else state["obs_shape"]
             if state.get("start", 0) != size or list(state["obs_shape"]) != list(shape):
-                raise ValueError(f"replay chunk {file} does not follow the {size} steps before it: "
-                                 "a chunk is missing or foreign")
+                raise ValueError(
+                    f"replay chunk {file} does not follow the {size} steps before it: a chunk is missing or foreign"
+                )
             states.append(state)
             size += len(state["actions"])
         if num_steps is not None and size < num_steps:
@@ -318,6 +344,7 @@ def _check_state(state: Any) -> str:
         if _crc32(t) != state["crc32"][name]:
             return f"checksum mismatch in {name}"
     starts = state["episode_starts"]
-    valid = len(starts) == 0 or (starts[0] >= start and bool((starts[1:] > starts[:-1]).all())
-                                 and starts[-1] < start + size)
+    valid = len(starts) == 0 or (
+        starts[0] >= start and bool((starts[1:] > starts[:-1]).all()) and starts[-1] < start + size
+    )
     return "" if valid else "inconsistent episode boundaries"

@@ -33,8 +33,14 @@ import agent as agent_lib
 import play
 import tokenizer as tokenizer_module
 import train
-from actor_critic import (ActorCritic, ActorCriticConfig, ImagineOutput, actor_critic_loss, compute_lambda_returns,
-                          imagine)
+from actor_critic import (
+    ActorCritic,
+    ActorCriticConfig,
+    ImagineOutput,
+    actor_critic_loss,
+    compute_lambda_returns,
+    imagine,
+)
 from agent import authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
 from env import ATARI_100K_GAMES, EnvConfig, canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
@@ -44,6 +50,7 @@ from world_model import WorldModel, WorldModelConfig, WorldModelEnv, interleave,
 # ---------------------------------------------------------------------------------------------------------------------
 # env.py and replay.py: the Atari 100k protocol and the dataset D (Section 3.1, Algorithm 1)
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def test_env_frames_are_64x64_rgb_uint8_and_pong_has_6_actions():
     for is_train in (True, False):
@@ -94,9 +101,9 @@ class CatchBall(gym.Env):
         frame = np.zeros(self.observation_space.shape, dtype=np.uint8)
         c, bottom = self.cell, self.GRID - 1
         caught = self.ball_row == bottom and self.ball_col == self.paddle
-        frame[bottom * c:, self.paddle * c:(self.paddle + 1) * c] = (40, 120, 255)  # the paddle, blue
+        frame[bottom * c :, self.paddle * c : (self.paddle + 1) * c] = (40, 120, 255)  # the paddle, blue
         colour = (0, 255, 0) if caught else (255, 220, 0)  # the ball, yellow; green once caught
-        frame[self.ball_row * c:(self.ball_row + 1) * c, self.ball_col * c:(self.ball_col + 1) * c] = colour
+        frame[self.ball_row * c : (self.ball_row + 1) * c, self.ball_col * c : (self.ball_col + 1) * c] = colour
         return frame
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
@@ -142,8 +149,9 @@ def test_env_other_gymnasium_envs_with_rgb_frames():
     assert make_env(CATCH_ID, train=True, config=config, seed=0).step(0)[3] is False
     env = make_env(CATCH_ID, train=True, config=config, seed=0)
     assert [env.step(0)[3] for _ in range(2)] == [False, True]  # truncated after max_train_frames steps
-    returns = run_episodes(CATCH_ID, lambda obs, first: np.zeros(len(obs), dtype=np.int64), 6, num_envs=2, seed=0,
-                           progress=False)
+    returns = run_episodes(
+        CATCH_ID, lambda obs, first: np.zeros(len(obs), dtype=np.int64), 6, num_envs=2, seed=0, progress=False
+    )
     assert len(returns) == 6 and set(returns) <= {-1.0, 1.0}
     with pytest.raises(ValueError, match=r"RGB frames, a Box of shape \(H, W, 3\)"):
         make_env("CartPole-v1")
@@ -154,7 +162,8 @@ def test_env_module_colon_id_registers_a_users_env_for_train_py(tmp_path, monkey
     train.py process, which never imports test_iris.py, gets a user's environment)."""
     (tmp_path / "my_envs.py").write_text(
         "import gymnasium\n"
-        f"gymnasium.register('Catch64-v0', entry_point='test_iris:CatchBall', kwargs={{'cell': 16}})\n")
+        f"gymnasium.register('Catch64-v0', entry_point='test_iris:CatchBall', kwargs={{'cell': 16}})\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert canonical_game("my_envs:Catch64-v0") == "my_envs:Catch64-v0"
     obs, _ = make_env("my_envs:Catch64-v0", seed=0).reset()
@@ -218,8 +227,9 @@ def test_env_episode_caps_count_frames():
 def test_env_test_noop_max_one_is_the_reference_test_protocol():
     """test_noop_max = 1: every test game starts after exactly one no-op (the authors' env.test.noop_max = 1)."""
     reference = EnvConfig(test_noop_max=1)
-    starts = {make_env("Pong", train=False, seed=s, config=reference).unwrapped.ale.getEpisodeFrameNumber()
-              for s in range(4)}
+    starts = {
+        make_env("Pong", train=False, seed=s, config=reference).unwrapped.ale.getEpisodeFrameNumber() for s in range(4)
+    }
     assert starts == {1}
     ours = {make_env("Pong", train=False, seed=s).unwrapped.ale.getEpisodeFrameNumber() for s in range(4)}
     assert len(ours) > 1 and all(1 <= n <= 30 for n in ours)  # 1 to 30 no-ops by default
@@ -278,8 +288,13 @@ def _filled_buffer(lengths: list[int], last_open: bool = True, **kwargs) -> Repl
     for e, length in enumerate(lengths):
         for t in range(length):
             last = t == length - 1 and not (last_open and e == len(lengths) - 1)
-            buffer.add(_frame(step), action=step % 5, reward=float(step), terminated=last and e % 2 == 0,
-                       truncated=last and e % 2 == 1)
+            buffer.add(
+                _frame(step),
+                action=step % 5,
+                reward=float(step),
+                terminated=last and e % 2 == 0,
+                truncated=last and e % 2 == 1,
+            )
             step += 1
     return buffer
 
@@ -424,7 +439,10 @@ def test_replay_save_appends_only_the_new_steps(tmp_path):
     buffer.add(_frame(60), 1, 1.0, True)
     buffer.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "steps_0000000000.pt", "steps_0000000050.pt", "steps_0000000060.pt"]
+        "steps_0000000000.pt",
+        "steps_0000000050.pt",
+        "steps_0000000060.pt",
+    ]
     assert (first.stat().st_mtime_ns, first.stat().st_ino) == written
     sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
     step_bytes = 3 * 64 * 64 + 8 + 4 + 1  # x_t, a_t, r_t, d_t: each chunk grows with its new steps only
@@ -466,6 +484,7 @@ def test_replay_samples_on_the_gpu():
     batch = buffer.sample(4, 6, sample_from_start=False)
     assert all(v.device.type == "cuda" for v in batch.values())
     assert buffer.sample(4, 6, device="cpu")["observations"].device.type == "cpu"
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # tokenizer.py: the discrete autoencoder (Section 2.1, Appendix A.1)
@@ -566,8 +585,9 @@ def test_tokenizer_commitment_terms_hand_computed():
     assert torch.allclose(y.grad, torch.tensor([0.5, 0.0, -1.0, 0.5]))
 
 
-@pytest.mark.parametrize("term, moved, frozen", [("codebook", "embedding", "encoder"),
-                                                 ("commitment", "encoder", "embedding")])
+@pytest.mark.parametrize(
+    "term, moved, frozen", [("codebook", "embedding", "encoder"), ("commitment", "encoder", "embedding")]
+)
 def test_tokenizer_commitment_gradients_in_model(term, moved, frozen):
     torch.manual_seed(0)
     tokenizer = Tokenizer(TokenizerConfig(**SMALL, perceptual_weight=0.0))
@@ -662,8 +682,8 @@ def _ball_frames(count: int, rng: np.random.Generator) -> torch.Tensor:
     frames = np.zeros((count, 64, 64, 3), np.uint8)
     for frame in frames:
         row, column, paddle = rng.integers(4, size=3)
-        frame[48:, paddle * 16:(paddle + 1) * 16] = (40, 120, 255)
-        frame[row * 16:(row + 1) * 16, column * 16:(column + 1) * 16] = (255, 220, 0)
+        frame[48:, paddle * 16 : (paddle + 1) * 16] = (40, 120, 255)
+        frame[row * 16 : (row + 1) * 16, column * 16 : (column + 1) * 16] = (255, 220, 0)
     return torch.as_tensor(frames).permute(0, 3, 1, 2)  # (count, 3, 64, 64) uint8
 
 
@@ -671,8 +691,18 @@ def test_tokenizer_l2_reconstruction_learns_a_small_object(one_thread):
     """reconstruction_loss = "l2" draws the ball within 400 steps; with "l1" and no perceptual term, D kept
     drawing the background there (ball error 0.62 after 300 steps, measured: README "Does it learn?")."""
     torch.manual_seed(0)
-    tokenizer = Tokenizer(TokenizerConfig(ch=16, num_res_blocks=1, attn_resolutions=(), z_channels=16, vocab_size=16,
-                                          embed_dim=16, perceptual_weight=0.0, reconstruction_loss="l2"))
+    tokenizer = Tokenizer(
+        TokenizerConfig(
+            ch=16,
+            num_res_blocks=1,
+            attn_resolutions=(),
+            z_channels=16,
+            vocab_size=16,
+            embed_dim=16,
+            perceptual_weight=0.0,
+            reconstruction_loss="l2",
+        )
+    )
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     for _ in range(400):
@@ -709,8 +739,9 @@ def pong_frames(count: int, every: int = 8) -> torch.Tensor:
 def test_tokenizer_learns_real_pong_frames():
     torch.manual_seed(0)
     frames = pong_frames(32)  # (32, 3, 64, 64) uint8
-    config = TokenizerConfig(ch=16, num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32,
-                             vocab_size=64, perceptual_weight=0.0)
+    config = TokenizerConfig(
+        ch=16, num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32, vocab_size=64, perceptual_weight=0.0
+    )
     tokenizer = Tokenizer(config)
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
     x = frames.float() / 255 * 2 - 1  # the loss's [-1, 1] space
@@ -733,6 +764,7 @@ def test_tokenizer_learns_real_pong_frames():
     assert final < 0.15 * initial
     assert final < 0.5 * background_l1
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # world_model.py: the Transformer G (Section 2.2, Appendix A.2)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -750,8 +782,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY_TOKENIZER = TokenizerConfig(ch=8, num_res_blocks=1, attn_resolutions=(), z_channels=16, vocab_size=32,
-                                 embed_dim=16, num_groups=4, perceptual_weight=0.0, pretrained_vgg=False)
+TINY_TOKENIZER = TokenizerConfig(
+    ch=8,
+    num_res_blocks=1,
+    attn_resolutions=(),
+    z_channels=16,
+    vocab_size=32,
+    embed_dim=16,
+    num_groups=4,
+    perceptual_weight=0.0,
+    pretrained_vgg=False,
+)
 
 
 def tiny_world_model(timesteps=4, tokens_per_frame=4, vocab_size=16, num_actions=3, **overrides):
@@ -788,8 +829,8 @@ def test_world_model_cache_equals_full_forward(one_thread):
     with torch.no_grad():
         full = model(tokens)
         # one frame at once (as after reset), then one token at a time, with a multi-token chunk in the middle
-        chunks = [tokens[:, :16]] + [tokens[:, i:i + 1] for i in range(16, 100)] + [tokens[:, 100:140]]
-        chunks += [tokens[:, i:i + 1] for i in range(140, 340)]
+        chunks = [tokens[:, :16]] + [tokens[:, i : i + 1] for i in range(16, 100)] + [tokens[:, 100:140]]
+        chunks += [tokens[:, i : i + 1] for i in range(140, 340)]
         cached = torch.cat([model(chunk, cache) for chunk in chunks], dim=1)
     assert cache.length == 340
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
@@ -825,10 +866,12 @@ def test_world_model_label_alignment_by_hand(one_thread):
     # left padding (step 0): z_1^1 is not predicted from the padded a_0, and r_0, d_0 are not learned
     left = model.loss(obs, actions, rewards, ends, torch.tensor([[False, True, True]]))
     positions, targets = [3, 5, 6], [8, 9, 10]
-    torch.testing.assert_close(left["transition"], F.cross_entropy(model.head_observations(hidden[positions]),
-                                                                   torch.tensor(targets)))
-    torch.testing.assert_close(left["reward"], F.cross_entropy(model.head_rewards(hidden[[5, 8]]),
-                                                               torch.tensor([1, 2])))
+    torch.testing.assert_close(
+        left["transition"], F.cross_entropy(model.head_observations(hidden[positions]), torch.tensor(targets))
+    )
+    torch.testing.assert_close(
+        left["reward"], F.cross_entropy(model.head_rewards(hidden[[5, 8]]), torch.tensor([1, 2]))
+    )
 
 
 def segment(model, batch=2, timesteps=4):
@@ -848,8 +891,12 @@ def test_world_model_padded_steps_add_nothing(one_thread):
     ends[:, 1] = 1
     short = model.loss(obs[:, :2], actions[:, :2], rewards[:, :2], ends[:, :2], mask[:, :2])
     padded = model.loss(obs, actions, rewards, ends, mask)
-    garbage_obs, garbage_actions, garbage_rewards, garbage_ends = obs.clone(), actions.clone(), rewards.clone(), \
-        ends.clone()
+    garbage_obs, garbage_actions, garbage_rewards, garbage_ends = (
+        obs.clone(),
+        actions.clone(),
+        rewards.clone(),
+        ends.clone(),
+    )
     garbage_obs[:, 2:] = 3
     garbage_actions[:, 2:] = 2
     garbage_rewards[:, 2:] = -7.0
@@ -898,8 +945,10 @@ def test_world_model_mse_reward_switch(one_thread):
     obs, actions, rewards, ends, mask = segment(model)
     losses = model.loss(obs, actions, rewards, ends, mask)
     hidden = model.eval()(interleave(obs, actions)).view(2, 4, 5, -1)[:, :, -1]  # (B, T, D) at a_t
-    torch.testing.assert_close(model.loss(obs, actions, rewards, ends, mask)["reward"],
-                               F.mse_loss(model.head_rewards(hidden).squeeze(-1), rewards))
+    torch.testing.assert_close(
+        model.loss(obs, actions, rewards, ends, mask)["reward"],
+        F.mse_loss(model.head_rewards(hidden).squeeze(-1), rewards),
+    )
     assert losses["reward"].requires_grad
 
 
@@ -1031,13 +1080,20 @@ def test_world_model_paper_parameter_count_and_optimizer_groups(one_thread):
     assert no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # actor_critic.py: learning in imagination (Section 2.3, Appendices A.3 and B)
 # ---------------------------------------------------------------------------------------------------------------------
 
 AC_TINY = ActorCriticConfig(conv_channels=(4, 4, 8, 8), lstm_dim=16, burn_in=3, imagination_horizon=4)
 AC_TINY_TOKENIZER = TokenizerConfig(
-    ch=8, num_res_blocks=1, attn_resolutions=(), z_channels=8, vocab_size=16, embed_dim=8, perceptual_weight=0.0,
+    ch=8,
+    num_res_blocks=1,
+    attn_resolutions=(),
+    z_channels=8,
+    vocab_size=16,
+    embed_dim=8,
+    perceptual_weight=0.0,
     pretrained_vgg=False,
 )
 AC_TINY_WORLD_MODEL = WorldModelConfig(max_timesteps=3, embed_dim=16, num_layers=1, num_heads=2)
@@ -1198,14 +1254,15 @@ def test_actor_critic_reference_bootstrap_and_train_after_end_follow_the_authors
     logits = torch.randn(batch_size, horizon, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     actions = torch.randint(4, (batch_size, horizon), generator=torch.Generator().manual_seed(3))
     log_probs = logits.log_softmax(-1).gather(-1, actions[..., None]).squeeze(-1)[:, :-1]  # (B, H - 1)
-    expected_value = (values[:, :horizon - 1] - returns).square().mean()
-    expected_policy = -(log_probs * (returns - values[:, :horizon - 1])).mean()
+    expected_value = (values[:, : horizon - 1] - returns).square().mean()
+    expected_policy = -(log_probs * (returns - values[:, : horizon - 1])).mean()
     config = ActorCriticConfig(gamma=gamma, lam=lam, bootstrap="reference", train_after_end=True)
     losses = actor_critic_loss(_ac_imagine_output(logits, values, rewards, ends, actions), config)
     torch.testing.assert_close(losses["value"], expected_value)
     torch.testing.assert_close(losses["policy"], expected_policy)
-    paper = actor_critic_loss(_ac_imagine_output(logits, values, rewards, ends, actions),
-                              ActorCriticConfig(gamma=gamma, lam=lam))
+    paper = actor_critic_loss(
+        _ac_imagine_output(logits, values, rewards, ends, actions), ActorCriticConfig(gamma=gamma, lam=lam)
+    )
     assert not torch.isclose(paper["value"], losses["value"])  # the two are different losses
     with pytest.raises(ValueError, match="bootstrap must be one of paper, reference"):
         actor_critic_loss(_ac_imagine_output(logits, values, rewards, ends, actions), ActorCriticConfig(bootstrap="x"))
@@ -1323,11 +1380,14 @@ def test_actor_critic_imagine_skips_padded_burn_in():
     for name in ("actions", "logits", "values", "rewards", "ends", "frames"):
         torch.testing.assert_close(getattr(outputs[0], name), getattr(outputs[1], name))
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # evaluate.py: the evaluation protocol and aggregate metrics (Section 3.2)
 # ---------------------------------------------------------------------------------------------------------------------
 
 EVALUATE_REPO = Path(__file__).resolve().parent
+
+
 def _evaluate_iris_hns() -> dict[str, np.ndarray]:
     scores = evaluate.load_reference_scores()
     return {game: evaluate.human_normalized(runs, game, scores)[0] for game, runs in scores["iris"].items()}
@@ -1455,8 +1515,21 @@ def test_evaluate_aggregate_cli(tmp_path):
     runs += [_evaluate_write_eval(tmp_path / f"breakout{s}", "Breakout", 10.0 + s, "final_eval.json") for s in range(2)]
     runs += [_evaluate_write_eval(tmp_path / "tennis", "Tennis", -10.0)]
     out = tmp_path / "aggregate.json"
-    proc = subprocess.run([sys.executable, str(EVALUATE_REPO / "evaluate.py"), "--aggregate", *map(str, runs),
-                           "--reps", "1000", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EVALUATE_REPO / "evaluate.py"),
+            "--aggregate",
+            *map(str, runs),
+            "--reps",
+            "1000",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "IRIS (paper)" in proc.stdout and "IQM (↑)" in proc.stdout
     assert "Tennis: no Random/Human score" in proc.stdout
@@ -1477,8 +1550,11 @@ def test_evaluate_aggregate_cli(tmp_path):
 
 def test_evaluate_aggregate_bad_run_dir(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, str(EVALUATE_REPO / "evaluate.py"), "--aggregate", str(tmp_path / "empty")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(EVALUATE_REPO / "evaluate.py"), "--aggregate", str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "no eval.json or final_eval.json" in proc.stderr
 
 
@@ -1501,13 +1577,20 @@ def evaluate_tiny_pong_run(tmp_path_factory):
 def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
     # One thread: on a shared 2-core machine, torch's thread pool oversubscribed makes the tiny agent ~30x slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(EVALUATE_REPO / "evaluate.py"), *args], capture_output=True, text=True,
-                          cwd=EVALUATE_REPO, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(EVALUATE_REPO / "evaluate.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=EVALUATE_REPO,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_evaluate_end_to_end_pong(evaluate_tiny_pong_run):
-    proc = _evaluate_cli(str(evaluate_tiny_pong_run), "--episodes", "2", "--envs", "2", "--reps", "500", "--record",
-                         "--device", "cpu")
+    proc = _evaluate_cli(
+        str(evaluate_tiny_pong_run), "--episodes", "2", "--envs", "2", "--reps", "500", "--record", "--device", "cpu"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((evaluate_tiny_pong_run / "eval.json").read_text())
     assert result["game"] == "Pong" and result["episodes"] == 2 and len(result["returns"]) == 2
@@ -1564,6 +1647,7 @@ def test_evaluate_end_to_end_refuses_other_game_and_run(evaluate_tiny_pong_run, 
     agent, _, game = evaluate.load_agent(evaluate_tiny_pong_run / "checkpoint.pt", "PongNoFrameskip-v4", "cpu")
     assert game == "Pong" and agent.num_actions == 6
 
+
 def test_evaluate_aggregate_cli_reproduces_paper(tmp_path):
     """130 run directories holding IRIS's published runs: the CLI prints Table 1's IRIS aggregates."""
     paths = []
@@ -1591,13 +1675,26 @@ def test_evaluate_aggregate_cli_reproduces_paper(tmp_path):
 TRAIN_REPO = Path(__file__).resolve().parent
 # Short evaluations: a Pong game lasts ~900 agent steps even for a hopeless agent.
 # One test episode of at most 100 steps (400 frames), not a whole Pong game: evaluate.py's tests play whole games.
-TRAIN_FAST_EVAL = ["--eval_episodes", "1", "--final_eval_episodes", "1", "--eval_envs", "1",
-                   "--env.max_test_frames", "400"]
+TRAIN_FAST_EVAL = [
+    "--eval_episodes",
+    "1",
+    "--final_eval_episodes",
+    "1",
+    "--eval_envs",
+    "1",
+    "--env.max_test_frames",
+    "400",
+]
 
 
 def _train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TRAIN_REPO / "train.py"), *args], capture_output=True, text=True,
-                          cwd=TRAIN_REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(TRAIN_REPO / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=TRAIN_REPO,
+        timeout=timeout,
+    )
 
 
 def _train_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -1619,8 +1716,11 @@ def test_train_config_defaults_equal_the_paper():
     # Table 5 (training loop and shared hyperparameters)
     assert (c.epochs, c.collection_epochs, c.env_steps_per_epoch, c.training_steps_per_epoch) == (600, 500, 200, 200)
     assert (c.collect_epsilon, c.eval_temperature) == (0.01, 0.5)
-    assert (c.start_tokenizer_after_epochs, c.start_world_model_after_epochs,
-            c.start_actor_critic_after_epochs) == (5, 25, 50)
+    assert (c.start_tokenizer_after_epochs, c.start_world_model_after_epochs, c.start_actor_critic_after_epochs) == (
+        5,
+        25,
+        50,
+    )
     assert (c.tokenizer_batch_size, c.world_model_batch_size, c.actor_critic_batch_size) == (256, 64, 64)
     assert (c.learning_rate, c.adam_beta1, c.adam_beta2, c.max_grad_norm) == (1e-4, 0.9, 0.999, 10.0)
     # Table 6 (RL) and Appendix A.3 (actor-critic)
@@ -1667,8 +1767,11 @@ def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     assert [p.name for p in chunks] == [f"steps_{100 * k:010d}.pt" for k in range(6)]
     assert max(p.stat().st_size for p in chunks) < 1.01 * min(p.stat().st_size for p in chunks)
     assert sorted(p.name for p in (run_dir / "media").iterdir()) == [
-        "imagination_epoch0005.gif", "imagination_epoch0006.gif",
-        "reconstructions_epoch0005.png", "reconstructions_epoch0006.png"]
+        "imagination_epoch0005.gif",
+        "imagination_epoch0006.gif",
+        "reconstructions_epoch0005.png",
+        "reconstructions_epoch0006.png",
+    ]
     rows = _train_metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [int(r["env_steps"]) for r in rows] == [100, 200, 300, 400, 500, 600]
@@ -1711,8 +1814,19 @@ def test_train_checkpoint_loads_into_a_fresh_agent_that_acts(train_tiny_run):
 
 def test_train_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, str(TRAIN_REPO / "train.py"), "--game", "Pong", "--preset", "tiny", "--epochs", "4",
-            "--out", str(run_dir), *TRAIN_FAST_EVAL]
+    args = [
+        sys.executable,
+        str(TRAIN_REPO / "train.py"),
+        "--game",
+        "Pong",
+        "--preset",
+        "tiny",
+        "--epochs",
+        "4",
+        "--out",
+        str(run_dir),
+        *TRAIN_FAST_EVAL,
+    ]
     proc = subprocess.Popen(args, cwd=TRAIN_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:  # kill as soon as two epochs are on disk
@@ -1815,8 +1929,16 @@ def test_train_encode_once_per_epoch_gives_the_same_tokens_and_losses():
     outs = []
     for tokens in (train.segment_tokens(run, batch), None):
         torch.manual_seed(2)
-        outs.append(imagine(agent.actor_critic, wm_env, batch["observations"], batch["mask"],
-                            cfg.actor_critic.imagination_horizon, tokens=tokens))
+        outs.append(
+            imagine(
+                agent.actor_critic,
+                wm_env,
+                batch["observations"],
+                batch["mask"],
+                cfg.actor_critic.imagination_horizon,
+                tokens=tokens,
+            )
+        )
     assert torch.equal(outs[0].actions, outs[1].actions) and torch.equal(outs[0].rewards, outs[1].rewards)
     assert torch.allclose(outs[0].values, outs[1].values, atol=1e-6)
     assert torch.allclose(outs[0].frames, outs[1].frames, atol=1e-6)
@@ -1852,8 +1974,14 @@ def test_train_bf16_autocast_stays_close_to_fp32():
         with torch.no_grad(), agent.autocast():
             reconstructions = agent.tokenizer.decode(frame_tokens)  # the same z in both: D alone is compared
             logits, values, _ = agent.actor_critic(reconstructions, agent.actor_critic.initial_state(16))
-            results[mode] = (agent.tokenizer.loss(frames)["total"], agent.world_model.loss(tokens, *args)["total"],
-                             reconstructions, logits, values, agent.tokenizer.encode(frames))
+            results[mode] = (
+                agent.tokenizer.loss(frames)["total"],
+                agent.world_model.loss(tokens, *args)["total"],
+                reconstructions,
+                logits,
+                values,
+                agent.tokenizer.encode(frames),
+            )
     assert results["always"][2].dtype == torch.bfloat16 and results["never"][2].dtype == torch.float32
     for fp32, bf16 in zip(results["never"][:-1], results["always"][:-1]):
         error = (bf16.float() - fp32).abs()
@@ -1867,10 +1995,13 @@ def test_train_bf16_autocast_stays_close_to_fp32():
     run.tokens = train.encode_dataset(run, epoch=cfg.epochs)
     before = [p.detach().clone() for p in agent.parameters()]
     agent.train()
-    metrics = {**train.train_steps(run, "tokenizer", lambda: agent.tokenizer.loss(frames)),
-               **train.train_steps(run, "world_model", lambda: train.world_model_loss(run)),
-               **train.train_steps(run, "actor_critic", lambda: train.behavior_loss(
-                   run, WorldModelEnv(agent.tokenizer, agent.world_model)))}
+    metrics = {
+        **train.train_steps(run, "tokenizer", lambda: agent.tokenizer.loss(frames)),
+        **train.train_steps(run, "world_model", lambda: train.world_model_loss(run)),
+        **train.train_steps(
+            run, "actor_critic", lambda: train.behavior_loss(run, WorldModelEnv(agent.tokenizer, agent.world_model))
+        ),
+    }
     assert all(np.isfinite(value) for value in metrics.values()), metrics
     assert all(not torch.equal(b, p) for b, p in zip(before, agent.parameters()) if p.grad is not None)
 
@@ -1936,15 +2067,18 @@ def authors_layout():
     """Our three modules at the paper config with 6 actions (Pong), every parameter perturbed so that no two layers
     of the same shape are equal (norms are all ones at init), and the same numbers in the authors' layout."""
     torch.manual_seed(0)
-    modules = {"tokenizer": Tokenizer(TokenizerConfig(pretrained_vgg=False)),
-               "world_model": WorldModel(WorldModelConfig(), vocab_size=512, tokens_per_frame=16, num_actions=6),
-               "actor_critic": ActorCritic(ActorCriticConfig(), num_actions=6)}
+    modules = {
+        "tokenizer": Tokenizer(TokenizerConfig(pretrained_vgg=False)),
+        "world_model": WorldModel(WorldModelConfig(), vocab_size=512, tokens_per_frame=16, num_actions=6),
+        "actor_critic": ActorCritic(ActorCriticConfig(), num_actions=6),
+    }
     with torch.no_grad():
         for module in modules.values():
             for p in module.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
     return {name: m.eval() for name, m in modules.items()}, authors_state_dict(
-        {name: m.state_dict() for name, m in modules.items()})
+        {name: m.state_dict() for name, m in modules.items()}
+    )
 
 
 def test_authors_checkpoint_layout_converts_and_loads(authors_layout):
@@ -1952,19 +2086,28 @@ def test_authors_checkpoint_layout_converts_and_loads(authors_layout):
     # Names and shapes from the authors' repository (src/models/tokenizer/nets.py, lpips.py, transformer.py,
     # world_model.py, slicer.py, actor_critic.py) at its config/*.yaml, A = 6.
     shapes = {
-        "tokenizer.encoder.conv_in.weight": (64, 3, 3, 3), "tokenizer.encoder.down.0.block.1.norm2.weight": (64,),
+        "tokenizer.encoder.conv_in.weight": (64, 3, 3, 3),
+        "tokenizer.encoder.down.0.block.1.norm2.weight": (64,),
         "tokenizer.encoder.down.2.attn.1.q.weight": (64, 64, 1, 1),  # attention at 16x16 and 8x8: levels 2 and 3
-        "tokenizer.encoder.down.3.downsample.conv.weight": (64, 64, 3, 3), "tokenizer.encoder.conv_out.bias": (512,),
+        "tokenizer.encoder.down.3.downsample.conv.weight": (64, 64, 3, 3),
+        "tokenizer.encoder.conv_out.bias": (512,),
         "tokenizer.decoder.up.3.attn.2.proj_out.weight": (64, 64, 1, 1),  # 3 blocks per level in D
-        "tokenizer.decoder.up.4.upsample.conv.weight": (64, 64, 3, 3), "tokenizer.embedding.weight": (512, 512),
-        "tokenizer.lpips.net.slice5.28.weight": (512, 512, 3, 3), "tokenizer.lpips.lin4.model.1.weight": (1, 512, 1, 1),
+        "tokenizer.decoder.up.4.upsample.conv.weight": (64, 64, 3, 3),
+        "tokenizer.embedding.weight": (512, 512),
+        "tokenizer.lpips.net.slice5.28.weight": (512, 512, 3, 3),
+        "tokenizer.lpips.lin4.model.1.weight": (1, 512, 1, 1),
         "tokenizer.lpips.scaling_layer.shift": (1, 3, 1, 1),
-        "world_model.embedder.embedding_tables.0.weight": (6, 256), "world_model.pos_emb.weight": (340, 256),
+        "world_model.embedder.embedding_tables.0.weight": (6, 256),
+        "world_model.pos_emb.weight": (340, 256),
         "world_model.transformer.blocks.9.attn.query.weight": (256, 256),
-        "world_model.transformer.blocks.9.attn.mask": (340, 340), "world_model.head_observations.indices": (320,),
-        "world_model.head_rewards.head_module.2.weight": (3, 256), "world_model.head_ends.indices": (20,),
-        "actor_critic.conv4.weight": (64, 64, 3, 3), "actor_critic.lstm.weight_ih": (2048, 1024),
-        "actor_critic.actor_linear.weight": (6, 512), "actor_critic.critic_linear.bias": (1,),
+        "world_model.transformer.blocks.9.attn.mask": (340, 340),
+        "world_model.head_observations.indices": (320,),
+        "world_model.head_rewards.head_module.2.weight": (3, 256),
+        "world_model.head_ends.indices": (20,),
+        "actor_critic.conv4.weight": (64, 64, 3, 3),
+        "actor_critic.lstm.weight_ih": (2048, 1024),
+        "actor_critic.actor_linear.weight": (6, 512),
+        "actor_critic.critic_linear.bias": (1,),
     }
     assert {key: tuple(state_dict[key].shape) for key in shapes} == shapes
     assert not any(".down.4.downsample" in key or ".up.0.upsample" in key for key in state_dict)  # 4 levels, not 5
@@ -1983,9 +2126,11 @@ def test_authors_checkpoint_layout_converts_and_loads(authors_layout):
     num_actions, converted = convert_authors_state_dict(state_dict)
     assert num_actions == 6
     for name, module in modules.items():
-        fresh = {"tokenizer": lambda: Tokenizer(TokenizerConfig()),
-                 "world_model": lambda: WorldModel(WorldModelConfig(), 512, 16, num_actions),
-                 "actor_critic": lambda: ActorCritic(ActorCriticConfig(), num_actions)}[name]()
+        fresh = {
+            "tokenizer": lambda: Tokenizer(TokenizerConfig()),
+            "world_model": lambda: WorldModel(WorldModelConfig(), 512, 16, num_actions),
+            "actor_critic": lambda: ActorCritic(ActorCriticConfig(), num_actions),
+        }[name]()
         fresh.load_state_dict(converted[name])  # strict: every key, every shape
         for key, value in module.state_dict().items():
             assert torch.equal(fresh.state_dict()[key], value), key
@@ -1995,6 +2140,7 @@ def authors_forward(sd: dict, frames: torch.Tensor, tokens: torch.Tensor) -> dic
     """The authors' networks written out with torch.nn.functional, from their state_dict's names alone (their
     nets.py, transformer.py, world_model.py and actor_critic.py at the paper config): an independent check of which
     of our layers each of their tensors is, the order of q, k, v included. frames (B, 3, 64, 64) in [0, 1]."""
+
     def conv(name, h, stride=1, padding=1):
         return F.conv2d(h, sd[f"{name}.weight"], sd[f"{name}.bias"], stride, padding)
 
@@ -2018,8 +2164,9 @@ def authors_forward(sd: dict, frames: torch.Tensor, tokens: torch.Tensor) -> dic
         return h
 
     def middle(prefix, h):
-        return resnet_block(f"{prefix}.mid.block_2", attention_block(f"{prefix}.mid.attn_1",
-                                                                     resnet_block(f"{prefix}.mid.block_1", h)))
+        return resnet_block(
+            f"{prefix}.mid.block_2", attention_block(f"{prefix}.mid.attn_1", resnet_block(f"{prefix}.mid.block_1", h))
+        )
 
     h = conv("tokenizer.encoder.conv_in", frames * 2 - 1)
     for level in range(5):
@@ -2064,8 +2211,11 @@ def authors_forward(sd: dict, frames: torch.Tensor, tokens: torch.Tensor) -> dic
     for i in range(1, 5):
         h = F.relu(F.max_pool2d(conv(f"actor_critic.conv{i}", h), 2))
     # LSTM cell from the zero state (h W_hh = 0)
-    gates = h.flatten(1) @ sd["actor_critic.lstm.weight_ih"].t() + sd["actor_critic.lstm.bias_ih"] + sd[
-        "actor_critic.lstm.bias_hh"]
+    gates = (
+        h.flatten(1) @ sd["actor_critic.lstm.weight_ih"].t()
+        + sd["actor_critic.lstm.bias_ih"]
+        + sd["actor_critic.lstm.bias_hh"]
+    )
     i_gate, _, g_gate, o_gate = gates.chunk(4, dim=1)  # input, forget, cell, output (forget gate times c = 0)
     h = torch.sigmoid(o_gate) * torch.tanh(torch.sigmoid(i_gate) * torch.tanh(g_gate))
     out["policy_logits"] = linear("actor_critic.actor_linear", h)
@@ -2076,24 +2226,35 @@ def authors_forward(sd: dict, frames: torch.Tensor, tokens: torch.Tensor) -> dic
 def test_authors_checkpoint_gives_the_same_outputs(authors_layout, one_thread):
     modules, state_dict = authors_layout
     num_actions, converted = convert_authors_state_dict(state_dict)
-    loaded = {"tokenizer": Tokenizer(TokenizerConfig()), "world_model": WorldModel(WorldModelConfig(), 512, 16, 6),
-              "actor_critic": ActorCritic(ActorCriticConfig(), num_actions)}
+    loaded = {
+        "tokenizer": Tokenizer(TokenizerConfig()),
+        "world_model": WorldModel(WorldModelConfig(), 512, 16, 6),
+        "actor_critic": ActorCritic(ActorCriticConfig(), num_actions),
+    }
     for name, module in loaded.items():
         module.load_state_dict(converted[name])
         module.eval()
     frames = random_frames(2)  # (B, 3, 64, 64) uint8
     generator = torch.Generator().manual_seed(0)
-    tokens = interleave(torch.randint(0, 512, (2, 3, 16), generator=generator),
-                        torch.randint(0, 6, (2, 3), generator=generator))  # (B, 3 * 17)
+    tokens = interleave(
+        torch.randint(0, 512, (2, 3, 16), generator=generator), torch.randint(0, 6, (2, 3), generator=generator)
+    )  # (B, 3 * 17)
     with torch.no_grad():
         outputs = []
         for agent in (modules, loaded):  # the project agent, and the one loaded from the authors' layout
             obs_tokens = agent["tokenizer"].encode(frames)
             hidden = agent["world_model"](tokens)
             logits, values, _ = agent["actor_critic"](frames / 255, agent["actor_critic"].initial_state(2))
-            outputs.append([obs_tokens, agent["world_model"].head_observations(hidden),
-                            agent["world_model"].head_rewards(hidden), agent["world_model"].head_ends(hidden), logits,
-                            values])
+            outputs.append(
+                [
+                    obs_tokens,
+                    agent["world_model"].head_observations(hidden),
+                    agent["world_model"].head_rewards(hidden),
+                    agent["world_model"].head_ends(hidden),
+                    logits,
+                    values,
+                ]
+            )
         for ours, theirs in zip(*outputs):
             assert torch.equal(ours, theirs)
 
@@ -2131,8 +2292,9 @@ def test_authors_checkpoint_refuses_other_files(authors_layout, tmp_path):
     wide = {**state_dict, "world_model.pos_emb.weight": torch.zeros(340, 512)}
     assert "pos_emb.weight (340, 512) instead of (340, 256)" in refused(wide)
     block_causal = dict(state_dict)  # the authors' other attention option: a frame's tokens see each other
-    block_causal["world_model.transformer.blocks.0.attn.mask"] = torch.ones(340, 340).tril().index_fill(
-        1, torch.arange(16), 1.0)
+    block_causal["world_model.transformer.blocks.0.attn.mask"] = (
+        torch.ones(340, 340).tril().index_fill(1, torch.arange(16), 1.0)
+    )
     assert "attn.mask is not the paper config's" in refused(block_causal)
     no_head = {k: v for k, v in state_dict.items() if not k.startswith("actor_critic.")}
     assert "no actor head" in refused(no_head)
@@ -2210,8 +2372,10 @@ def test_play_records_each_mode_headless(evaluate_tiny_pong_run, tmp_path, monke
     for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"):  # no display at all: the recording needs none
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / f"{mode}{suffix}"
-    play.main([str(evaluate_tiny_pong_run), "--record", str(out), "--steps", "5", "--device", "cpu"]
-              + (["--dream", "--horizon", "3"] if mode == "dream" else []))
+    play.main(
+        [str(evaluate_tiny_pong_run), "--record", str(out), "--steps", "5", "--device", "cpu"]
+        + (["--dream", "--horizon", "3"] if mode == "dream" else [])
+    )
     assert _video_frames(out) == [(play.HEIGHT, play.WIDTH, 3)] * 5
 
 
@@ -2229,7 +2393,8 @@ def test_play_keys_follow_ale_action_meanings():
     assert play.action_for({"RIGHT", "FIRE"}, mapping) == 2 and play.action_for({"UP"}, mapping) == 0
     pong = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
     assert play.mapping_text(play.key_mapping(pong), pong) == (
-        "Space=FIRE  Right=RIGHT  Left=LEFT  Right+Space=RIGHTFIRE  Left+Space=LEFTFIRE")
+        "Space=FIRE  Right=RIGHT  Left=LEFT  Right+Space=RIGHTFIRE  Left+Space=LEFTFIRE"
+    )
     import gymnasium as gym
 
     full = gym.make("ALE/Pong-v5", full_action_space=True).unwrapped.get_action_meanings()
@@ -2246,8 +2411,9 @@ def test_play_window_runs_a_few_frames_and_quits_on_q(evaluate_tiny_pong_run, mo
     pong = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
     mapping = play.key_mapping(pong) if mode == "human" else None
     agent = _play_agent(evaluate_tiny_pong_run, ends=False)
-    player = play.make_player(agent, "watch" if mode == "watch" else "dream", evaluate_tiny_pong_run, seed=0,
-                              temperature=0.5, horizon=100)
+    player = play.make_player(
+        agent, "watch" if mode == "watch" else "dream", evaluate_tiny_pong_run, seed=0, temperature=0.5, horizon=100
+    )
     advance, actions = player.advance, []
 
     def advance_then_press_q(action=None):
@@ -2287,7 +2453,8 @@ def test_play_dream_starts_over_after_an_end_or_the_horizon(evaluate_tiny_pong_r
     dream = play.make_player(agent, "dream", evaluate_tiny_pong_run, seed=0, temperature=1.0, horizon=100)
     assert dream.advance(action=1) == 1 and dream.view().end  # d̂ = 1: the frame gets Figure 4's red box
     image = play.Screen("dream", "Pong", ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]).draw(
-        dream.view(), 1.0, 15)
+        dream.view(), 1.0, 15
+    )
     assert tuple(image[0, play.PANEL]) == play.RED and tuple(image[0, 0]) == play.DARK
     assert dream.advance() is None and dream.steps == 0 and not dream.end  # a new dream from a new real frame
     agent = _play_agent(evaluate_tiny_pong_run, ends=False)
@@ -2322,32 +2489,85 @@ def test_play_errors_say_what_to_do(evaluate_tiny_pong_run, tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         play.main([str(evaluate_tiny_pong_run), "--human", "--record", str(tmp_path / "x.mp4")])
     assert "--human needs you at the keyboard" in capsys.readouterr().err
+
+
 # Runs are safe: every setting range-checked before the disk is touched, no overwrite, one writer, clean stops.
 
 INVALID_SETTINGS = [  # (field, a value out of its range) for every leaf field of IRISConfig; tiny preset otherwise
-    ("game", 5), ("out", None), ("seed", -1), ("device", "gpu"), ("epochs", 0), ("epochs", -3),
-    ("collection_epochs", 0), ("env_steps_per_epoch", 0), ("training_steps_per_epoch", 0), ("collect_epsilon", 5.0),
-    ("collect_temperature", 0.0), ("eval_temperature", -1.0), ("start_tokenizer_after_epochs", -1),
-    ("start_world_model_after_epochs", -1), ("start_actor_critic_after_epochs", -1), ("tokenizer_batch_size", 0),
-    ("world_model_batch_size", -5), ("actor_critic_batch_size", 0), ("learning_rate", 0.0), ("adam_beta1", 1.0),
-    ("adam_beta2", -0.1), ("max_grad_norm", 0.0), ("eval_every", 0), ("eval_episodes", 0),
-    ("final_eval_episodes", 0), ("eval_envs", 0), ("media_trajectories", 0), ("cache_tokens", 1),
-    ("encode_batch_size", 0), ("bf16", "sometimes"), ("fused_adam", "yes"), ("channels_last", 0),
-    ("reuse_freed_memory", None), ("tokenizer.resolution", 60), ("tokenizer.in_channels", 1), ("tokenizer.ch", 0),
-    ("tokenizer.ch_mult", ()), ("tokenizer.ch_mult", (1,) * 8), ("tokenizer.num_res_blocks", 0),
-    ("tokenizer.attn_resolutions", (0,)), ("tokenizer.z_channels", 0), ("tokenizer.vocab_size", 0),
-    ("tokenizer.embed_dim", 0), ("tokenizer.dropout", 1.0), ("tokenizer.num_groups", 3),
-    ("tokenizer.perceptual_weight", -1.0), ("tokenizer.perceptual_dropout", 1.0), ("tokenizer.pretrained_vgg", "no"),
+    ("game", 5),
+    ("out", None),
+    ("seed", -1),
+    ("device", "gpu"),
+    ("epochs", 0),
+    ("epochs", -3),
+    ("collection_epochs", 0),
+    ("env_steps_per_epoch", 0),
+    ("training_steps_per_epoch", 0),
+    ("collect_epsilon", 5.0),
+    ("collect_temperature", 0.0),
+    ("eval_temperature", -1.0),
+    ("start_tokenizer_after_epochs", -1),
+    ("start_world_model_after_epochs", -1),
+    ("start_actor_critic_after_epochs", -1),
+    ("tokenizer_batch_size", 0),
+    ("world_model_batch_size", -5),
+    ("actor_critic_batch_size", 0),
+    ("learning_rate", 0.0),
+    ("adam_beta1", 1.0),
+    ("adam_beta2", -0.1),
+    ("max_grad_norm", 0.0),
+    ("eval_every", 0),
+    ("eval_episodes", 0),
+    ("final_eval_episodes", 0),
+    ("eval_envs", 0),
+    ("media_trajectories", 0),
+    ("cache_tokens", 1),
+    ("encode_batch_size", 0),
+    ("bf16", "sometimes"),
+    ("fused_adam", "yes"),
+    ("channels_last", 0),
+    ("reuse_freed_memory", None),
+    ("tokenizer.resolution", 60),
+    ("tokenizer.in_channels", 1),
+    ("tokenizer.ch", 0),
+    ("tokenizer.ch_mult", ()),
+    ("tokenizer.ch_mult", (1,) * 8),
+    ("tokenizer.num_res_blocks", 0),
+    ("tokenizer.attn_resolutions", (0,)),
+    ("tokenizer.z_channels", 0),
+    ("tokenizer.vocab_size", 0),
+    ("tokenizer.embed_dim", 0),
+    ("tokenizer.dropout", 1.0),
+    ("tokenizer.num_groups", 3),
+    ("tokenizer.perceptual_weight", -1.0),
+    ("tokenizer.perceptual_dropout", 1.0),
+    ("tokenizer.pretrained_vgg", "no"),
     ("tokenizer.reconstruction_loss", "l3"),
     ("world_model.max_timesteps", 0),
-    ("world_model.embed_dim", 65), ("world_model.num_layers", 0), ("world_model.num_heads", 3),
-    ("world_model.embed_dropout", 1.5), ("world_model.attn_dropout", -0.1), ("world_model.resid_dropout", 1.0),
-    ("world_model.weight_decay", -0.01), ("world_model.reward_loss", "l1"), ("actor_critic.conv_channels", (8,) * 7),
-    ("actor_critic.lstm_dim", 0), ("actor_critic.burn_in", -1), ("actor_critic.imagination_horizon", 0),
-    ("actor_critic.gamma", 2.0), ("actor_critic.lam", 1.5), ("actor_critic.entropy_weight", -0.001),
-    ("actor_critic.bootstrap", "authors"), ("actor_critic.train_after_end", "yes"), ("env.test_noop_max", -1),
-    ("env.frame_size", 84), ("env.frame_skip", 0), ("env.noop_max", -1), ("env.repeat_action_probability", 2.0),
-    ("env.max_train_frames", 0), ("env.max_test_frames", 0),
+    ("world_model.embed_dim", 65),
+    ("world_model.num_layers", 0),
+    ("world_model.num_heads", 3),
+    ("world_model.embed_dropout", 1.5),
+    ("world_model.attn_dropout", -0.1),
+    ("world_model.resid_dropout", 1.0),
+    ("world_model.weight_decay", -0.01),
+    ("world_model.reward_loss", "l1"),
+    ("actor_critic.conv_channels", (8,) * 7),
+    ("actor_critic.lstm_dim", 0),
+    ("actor_critic.burn_in", -1),
+    ("actor_critic.imagination_horizon", 0),
+    ("actor_critic.gamma", 2.0),
+    ("actor_critic.lam", 1.5),
+    ("actor_critic.entropy_weight", -0.001),
+    ("actor_critic.bootstrap", "authors"),
+    ("actor_critic.train_after_end", "yes"),
+    ("env.test_noop_max", -1),
+    ("env.frame_size", 84),
+    ("env.frame_skip", 0),
+    ("env.noop_max", -1),
+    ("env.repeat_action_probability", 2.0),
+    ("env.max_train_frames", 0),
+    ("env.max_test_frames", 0),
 ]
 FAST_RUN = ["--game", "Pong", "--preset", "tiny", *TRAIN_FAST_EVAL]
 
@@ -2407,8 +2627,12 @@ def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: fl
 
 def test_train_a_second_process_is_refused_with_the_pid_of_the_first(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, str(TRAIN_REPO / "train.py"), *FAST_RUN, "--epochs", "3", "--out",
-                              str(run_dir)], cwd=TRAIN_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, str(TRAIN_REPO / "train.py"), *FAST_RUN, "--epochs", "3", "--out", str(run_dir)],
+        cwd=TRAIN_REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(lambda: (run_dir / "config.json").is_file(), first)  # written once the lock is held
         for args in (["--seed", "1", "--out", str(run_dir)], ["--out", str(run_dir), "--overwrite"]):
@@ -2428,8 +2652,13 @@ def test_train_stops_cleanly_on_a_signal_and_resumes(tmp_path, signum, code):
     """Ctrl-C or a scheduler's SIGTERM mid-epoch: the last complete epoch stays on disk, whole, and one line says
     how to go on; the epoch in progress is lost, and --resume redoes it."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(TRAIN_REPO / "train.py"), *FAST_RUN, "--epochs", "2", "--out",
-                             str(run_dir)], cwd=TRAIN_REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN_REPO / "train.py"), *FAST_RUN, "--epochs", "2", "--out", str(run_dir)],
+        cwd=TRAIN_REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(lambda: (run_dir / "metrics.csv").is_file(), proc)  # epoch 1 is saved; epoch 2 trains E and D
     time.sleep(1)
     proc.send_signal(signum)
@@ -2440,7 +2669,8 @@ def test_train_stops_cleanly_on_a_signal_and_resumes(tmp_path, signum, code):
     assert "Traceback" not in stderr and "epoch 2 |" not in stdout
     assert stderr.strip().splitlines()[-1] == (
         f"{signal.Signals(signum).name}: stopped; epoch 1 of 2 is the last complete one (the epoch in progress is "
-        f"lost); resume with: python train.py --resume {run_dir}")
+        f"lost); resume with: python train.py --resume {run_dir}"
+    )
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert (checkpoint["epoch"], checkpoint["env_steps"]) == (1, 100) and len(_train_metrics(run_dir)) == 1
     assert len(ReplayBuffer.load(run_dir / "replay")) == 100  # no step of the lost epoch was saved
@@ -2452,12 +2682,14 @@ def test_train_stops_cleanly_on_a_signal_and_resumes(tmp_path, signum, code):
 
 
 def test_train_defers_a_signal_during_a_save_and_a_second_one_forces_the_exit():
-    script = ("import os, signal, time, train\n"
-              "train.STOP['pid'] = os.getpid()\n"
-              "signal.signal(signal.SIGINT, train.on_signal)\n"
-              "with train.deferred_signals():\n"
-              "    print('saving', flush=True)\n"
-              "    time.sleep(30)\n")
+    script = (
+        "import os, signal, time, train\n"
+        "train.STOP['pid'] = os.getpid()\n"
+        "signal.signal(signal.SIGINT, train.on_signal)\n"
+        "with train.deferred_signals():\n"
+        "    print('saving', flush=True)\n"
+        "    time.sleep(30)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=TRAIN_REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "saving\n"
     proc.send_signal(signal.SIGINT)
@@ -2471,6 +2703,7 @@ def test_train_defers_a_signal_during_a_save_and_a_second_one_forces_the_exit():
 
 
 # The tiny preset, shrunk to the game: 16 tokens of a 16-code vocabulary, episodes of 3 steps. Same code path.
+# fmt: off
 CATCH_CONFIG = {
     "epochs": 12, "collection_epochs": 12, "env_steps_per_epoch": 150, "training_steps_per_epoch": 40,
     "start_tokenizer_after_epochs": 0, "start_world_model_after_epochs": 1, "start_actor_critic_after_epochs": 3,
@@ -2484,6 +2717,7 @@ CATCH_CONFIG = {
     "actor_critic.conv_channels": (8, 8, 16, 16), "actor_critic.lstm_dim": 64, "actor_critic.burn_in": 2,
     "actor_critic.imagination_horizon": 4,
 }
+# fmt: on
 
 
 def train_catch(tmp_path: Path, seed: int = 0, **overrides) -> tuple[float, train.Run]:
@@ -2503,7 +2737,9 @@ def test_train_learns_to_catch_the_ball(tmp_path, one_thread):
     """The whole loop learns: after 1,800 real steps the agent catches nearly every ball; random play loses."""
     random_return = catch_random_policy_return()
     mean_return, run = train_catch(tmp_path)
-    print(f"CatchBall: final return {mean_return:.3f} (optimum 1, random policy {random_return:.3f}); "
-          f"last epoch {train.summary_line(run.history[-1])}")
+    print(
+        f"CatchBall: final return {mean_return:.3f} (optimum 1, random policy {random_return:.3f}); "
+        f"last epoch {train.summary_line(run.history[-1])}"
+    )
     assert random_return < -0.3
     assert mean_return > 0.8

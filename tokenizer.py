@@ -350,8 +350,9 @@ class Tokenizer(nn.Module):
         """(..., 3, 64, 64) uint8 or float in [0, 1] -> (B, 3, 64, 64) float in [-1, 1], as the reference code."""
         expected = (self.config.in_channels, self.config.resolution, self.config.resolution)
         if tuple(frames.shape[-3:]) != expected:
-            raise ValueError(f"expected frames (..., {', '.join(map(str, expected))}), channels first; "
-                             f"got {tuple(frames.shape)}")
+            raise ValueError(
+                f"expected frames (..., {', '.join(map(str, expected))}), channels first; got {tuple(frames.shape)}"
+            )
         x = frames.reshape(-1, *expected)  # (B, 3, 64, 64)
         if x.dtype == torch.uint8:
             x = x.float() / 255

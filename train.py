@@ -32,9 +32,23 @@ import torch
 from tqdm import tqdm
 
 from actor_critic import actor_critic_loss, imagine
-from agent import (COMPONENTS, Agent, IRISConfig, add_config_flags, config_from_args, config_overrides,
-                   config_from_dict, load_checkpoint, pick_device, rng_states, set_rng_states, set_seed, setup_process,
-                   validate_config, write_video)
+from agent import (
+    COMPONENTS,
+    Agent,
+    IRISConfig,
+    add_config_flags,
+    config_from_args,
+    config_overrides,
+    config_from_dict,
+    load_checkpoint,
+    pick_device,
+    rng_states,
+    set_rng_states,
+    set_seed,
+    setup_process,
+    validate_config,
+    write_video,
+)
 from env import canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
 from world_model import WorldModelEnv
@@ -92,8 +106,17 @@ def training_loop(run: Run) -> None:
             print(summary_line(metrics), flush=True)
     final = evaluate_agent(run, cfg.final_eval_episodes)
     with deferred_signals(), open(run.run_dir / "final_eval.json", "w") as f:
-        json.dump({"game": cfg.game, "episodes": cfg.final_eval_episodes, "env_steps": len(run.replay),
-                   "mean_return": final["eval/return"], "returns": final["eval/returns"]}, f, indent=2)
+        json.dump(
+            {
+                "game": cfg.game,
+                "episodes": cfg.final_eval_episodes,
+                "env_steps": len(run.replay),
+                "mean_return": final["eval/return"],
+                "returns": final["eval/returns"],
+            },
+            f,
+            indent=2,
+        )
     print(f"final evaluation over {cfg.final_eval_episodes} episodes: mean return {final['eval/return']:.2f}")
 
 
@@ -173,8 +196,9 @@ def tokenizer_loss(run: Run) -> dict[str, torch.Tensor]:
 def world_model_loss(run: Run) -> dict[str, torch.Tensor]:
     """Eqs. (1)-(3) on B segments of L real steps, encoded by the frozen E."""
     cfg = run.config
-    batch = run.replay.sample(cfg.world_model_batch_size, cfg.world_model.max_timesteps, sample_from_start=True,
-                              device=run.agent.device)
+    batch = run.replay.sample(
+        cfg.world_model_batch_size, cfg.world_model.max_timesteps, sample_from_start=True, device=run.agent.device
+    )
     obs_tokens = segment_tokens(run, batch)  # z_t, (B, L, K)
     return run.agent.world_model.loss(obs_tokens, batch["actions"], batch["rewards"], batch["ends"], batch["mask"])
 
@@ -182,10 +206,17 @@ def world_model_loss(run: Run) -> dict[str, torch.Tensor]:
 def behavior_loss(run: Run, wm_env: WorldModelEnv) -> dict[str, torch.Tensor]:
     """Eqs. (4)-(6) on B trajectories imagined from real frames, after a burn-in of their episode's past."""
     cfg, ac_cfg = run.config, run.config.actor_critic
-    batch = run.replay.sample(cfg.actor_critic_batch_size, ac_cfg.burn_in + 1, sample_from_start=False,
-                              device=run.agent.device)
-    out = imagine(run.agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac_cfg.imagination_horizon,
-                  tokens=segment_tokens(run, batch))
+    batch = run.replay.sample(
+        cfg.actor_critic_batch_size, ac_cfg.burn_in + 1, sample_from_start=False, device=run.agent.device
+    )
+    out = imagine(
+        run.agent.actor_critic,
+        wm_env,
+        batch["observations"],
+        batch["mask"],
+        ac_cfg.imagination_horizon,
+        tokens=segment_tokens(run, batch),
+    )
     return actor_critic_loss(out, ac_cfg)
 
 
@@ -215,8 +246,10 @@ def encode_dataset(run: Run, epoch: int) -> torch.Tensor | None:
         return None
     frames = run.replay.observations  # (N_steps, 3, 64, 64) uint8
     with run.agent.autocast():
-        chunks = [tokenizer.encode(frames[i:i + cfg.encode_batch_size].to(run.agent.device))
-                  for i in range(0, len(frames), cfg.encode_batch_size)]
+        chunks = [
+            tokenizer.encode(frames[i : i + cfg.encode_batch_size].to(run.agent.device))
+            for i in range(0, len(frames), cfg.encode_batch_size)
+        ]
     return torch.cat(chunks)
 
 
@@ -257,8 +290,15 @@ def evaluate_agent(run: Run, num_episodes: int) -> dict[str, Any]:
     def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
         return agent.act(obs, first, cfg.eval_temperature, epsilon=0.0)
 
-    returns = run_episodes(cfg.game, policy, num_episodes, num_envs=min(cfg.eval_envs, num_episodes),
-                           seed=cfg.seed + EVAL_SEED_OFFSET + run.epoch, train=False, config=cfg.env)
+    returns = run_episodes(
+        cfg.game,
+        policy,
+        num_episodes,
+        num_envs=min(cfg.eval_envs, num_episodes),
+        seed=cfg.seed + EVAL_SEED_OFFSET + run.epoch,
+        train=False,
+        config=cfg.env,
+    )
     agent.state = None
     return {"eval/return": float(np.mean(returns)), "eval/returns": [float(r) for r in returns]}
 
@@ -277,8 +317,13 @@ def save_media(run: Run, epoch: int) -> None:
     torchvision.utils.save_image(grid, media / f"reconstructions_epoch{epoch:04d}.png", nrow=MEDIA_FRAMES)
     ac_cfg = run.config.actor_critic
     batch = run.replay.sample(n, ac_cfg.burn_in + 1, sample_from_start=False, device=agent.device)
-    out = imagine(agent.actor_critic, WorldModelEnv(agent.tokenizer, agent.world_model), batch["observations"],
-                  batch["mask"], ac_cfg.imagination_horizon)
+    out = imagine(
+        agent.actor_critic,
+        WorldModelEnv(agent.tokenizer, agent.world_model),
+        batch["observations"],
+        batch["mask"],
+        ac_cfg.imagination_horizon,
+    )
     frames = (out.frames * 255).round().to(torch.uint8)  # x̂_0..x̂_H, (n, H + 1, 3, 64, 64)
     # Figure 4: yellow border where a reward is predicted on the step into the frame, red where an end is.
     border = torch.zeros(n, frames.shape[1], 3, dtype=torch.uint8, device=frames.device)
@@ -286,14 +331,22 @@ def save_media(run: Run, epoch: int) -> None:
     border[:, 1:][out.ends > 0] = torch.tensor([220, 0, 0], dtype=torch.uint8, device=frames.device)
     b, size = MEDIA_BORDER, frames.shape[-1] + 2 * MEDIA_BORDER
     padded = border[..., None, None].expand(-1, -1, -1, size, size).clone()  # (n, H + 1, 3, 68, 68)
-    padded[..., b:size - b, b:size - b] = frames
+    padded[..., b : size - b, b : size - b] = frames
     rows = padded.permute(1, 3, 0, 4, 2).reshape(frames.shape[1], size, n * size, 3)  # (H + 1, 68, n * 68, 3)
     write_video(rows.cpu().numpy(), media / f"imagination_epoch{epoch:04d}.gif", fps=1000 / MEDIA_GIF_MS)
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
-    keys = ["env_steps", "collect/return", "tokenizer/reconstruction", "world_model/transition",
-            "world_model/reward", "actor_critic/value", "actor_critic/imagined_return", "eval/return"]
+    keys = [
+        "env_steps",
+        "collect/return",
+        "tokenizer/reconstruction",
+        "world_model/transition",
+        "world_model/reward",
+        "actor_critic/value",
+        "actor_critic/imagined_return",
+        "eval/return",
+    ]
     parts = [f"epoch {metrics['epoch']}"] + [f"{k} {metrics[k]:.4g}" for k in keys if k in metrics]
     seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
     return " | ".join(parts + [f"{seconds:.0f} s"])
@@ -335,14 +388,20 @@ def stop_line(run: Run | None, resumed: str | None) -> str:
         return f"{name}: stopped before the first epoch was saved; nothing to resume (start again with --overwrite)"
     done = f"epoch {saved} of {run.config.epochs} is the last complete one" if run else "the run is unchanged"
     return f"{name}: stopped; {done} (the epoch in progress is lost); resume with: python train.py --resume " + str(
-        run.run_dir if run else resumed)
+        run.run_dir if run else resumed
+    )
 
 
 def save_run(run: Run) -> None:
     """The new steps of the dataset first, then the checkpoint that names its size: a kill between loses nothing."""
     run.replay.save(run.run_dir / "replay")
-    extra = {"epoch": run.epoch, "env_steps": len(run.replay), "history": run.history, "rng": rng_states(),
-             "optimizers": {name: opt.state_dict() for name, opt in run.optimizers.items()}}
+    extra = {
+        "epoch": run.epoch,
+        "env_steps": len(run.replay),
+        "history": run.history,
+        "rng": rng_states(),
+        "optimizers": {name: opt.state_dict() for name, opt in run.optimizers.items()},
+    }
     run.agent.save(run.run_dir / "checkpoint.pt", **extra)
     write_metrics_csv(run.history, run.run_dir / "metrics.csv")
 
@@ -373,17 +432,22 @@ def open_run_dir(run_dir: Path, fresh: bool, overwrite: bool = False) -> None:
     old = [path for path in run_dir.iterdir() if path.name != LOCK_FILE]
     if fresh and old and not (overwrite and (run_dir / "config.json").is_file()):  # never clear a foreign folder
         os.close(lock)
-        raise RuntimeError(f"{run_dir} holds files but no run (no config.json): choose a new --out" if overwrite else
-                           f"{run_dir} already holds a run: continue it with --resume {run_dir}, or choose a new "
-                           "--out (--overwrite deletes its files and starts afresh there)")
+        raise RuntimeError(
+            f"{run_dir} holds files but no run (no config.json): choose a new --out"
+            if overwrite
+            else f"{run_dir} already holds a run: continue it with --resume {run_dir}, or choose a new "
+            "--out (--overwrite deletes its files and starts afresh there)"
+        )
     os.ftruncate(lock, 0)
     os.write(lock, f"{os.getpid()}\n".encode())  # the lock stays held: this descriptor is never closed
     stale = old if fresh else list(run_dir.rglob("*.tmp"))
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if stale:
-        print(f"removed {len(stale)} {'files of the old run' if fresh else 'temporary files of a killed save'} "
-              f"in {run_dir}")
+        print(
+            f"removed {len(stale)} {'files of the old run' if fresh else 'temporary files of a killed save'} "
+            f"in {run_dir}"
+        )
 
 
 def new_run(config: IRISConfig, overwrite: bool = False) -> Run:
@@ -406,8 +470,9 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
     """Continue from the last complete epoch: same config, dataset, weights, optimiser and RNG states."""
     path = run_dir / "checkpoint.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"nothing to resume in {run_dir}: it holds no checkpoint.pt "
-                                "(train.py writes one at the end of every epoch)")
+        raise FileNotFoundError(
+            f"nothing to resume in {run_dir}: it holds no checkpoint.pt (train.py writes one at the end of every epoch)"
+        )
     open_run_dir(run_dir, fresh=False)
     checkpoint = load_checkpoint(path)
     config = config_from_dict(checkpoint["config"])
@@ -418,8 +483,15 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
     # A kill between saving the dataset and the checkpoint leaves steps the checkpoint never saw: not read.
     replay = ReplayBuffer.load(run_dir / "replay", device=agent.device, num_steps=checkpoint["env_steps"])
     replay.close_episode()  # the emulator's state is not saved: collection restarts with a new game
-    run = Run(config, agent, make_optimizers(agent, config), replay, run_dir, epoch=checkpoint["epoch"],
-              history=checkpoint["history"])
+    run = Run(
+        config,
+        agent,
+        make_optimizers(agent, config),
+        replay,
+        run_dir,
+        epoch=checkpoint["epoch"],
+        history=checkpoint["history"],
+    )
     for name, optimizer in run.optimizers.items():
         optimizer.load_state_dict(checkpoint["optimizers"][name])
     set_rng_states(checkpoint["rng"])
@@ -460,9 +532,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run = new_run(config, overwrite=args.overwrite)
         setup_process(run.config, run.agent.device)
-        print(f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
-              + " | ".join(f"{name} {sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6:.2f}M "
-                           "params" for name in COMPONENTS))
+        print(
+            f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
+            + " | ".join(
+                f"{name} {sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6:.2f}M params"
+                for name in COMPONENTS
+            )
+        )
         training_loop(run)
     except BaseException as error:
         if STOP["signal"] is not None:  # the stop, or an error it caused (in an env worker it ended)

@@ -59,12 +59,13 @@ class KVCache:
         """Store k, v (B, nh, T, hs) after the cached tokens; return all keys and values (B, nh, length + T, hs)."""
         end = self.length + k.size(2)
         buffer = self.keys[layer]
-        if self.length == 0 and (buffer is None or buffer.shape[:2] != k.shape[:2] or buffer.dtype != k.dtype
-                                 or buffer.device != k.device):
+        if self.length == 0 and (
+            buffer is None or buffer.shape[:2] != k.shape[:2] or buffer.dtype != k.dtype or buffer.device != k.device
+        ):
             shape = (k.size(0), k.size(1), self.max_tokens, k.size(3))  # (B, nh, L(K+1), hs)
             self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -81,8 +82,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
-                   for t in self.qkv(x).split(C, dim=2))
+        q, k, v = (
+            t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
+            for t in self.qkv(x).split(C, dim=2)
+        )
         start = 0 if cache is None else cache.length
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, start + T, hs)
@@ -106,8 +109,9 @@ class Block(nn.Module):
         D = config.embed_dim
         self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
         self.attn = CausalSelfAttention(config)
-        self.mlp = nn.Sequential(nn.Linear(D, MLP_RATIO * D), nn.GELU(), nn.Linear(MLP_RATIO * D, D),
-                                 nn.Dropout(config.resid_dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(D, MLP_RATIO * D), nn.GELU(), nn.Linear(MLP_RATIO * D, D), nn.Dropout(config.resid_dropout)
+        )
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, layer)
@@ -174,8 +178,14 @@ class WorldModel(nn.Module):
             cache.length += T
         return self.ln_f(x)
 
-    def loss(self, obs_tokens: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, ends: torch.Tensor,
-             mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        obs_tokens: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        ends: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Eqs. (1)-(3) on a segment of T <= L steps: cross-entropy for every next frame token given all previous
         tokens, for r_t (sign, or MSE) and for d_t at each action token. Padded steps (mask False) add nothing.
 
@@ -185,8 +195,10 @@ class WorldModel(nn.Module):
         mask = mask.bool()
         ends = ends.long() * mask  # an end in padding is no end
         if bool((ends.sum(dim=1) > 1).any()):
-            raise ValueError("a world-model segment holds at most one episode end (d_t = 1); the replay buffer must "
-                             "not sample segments that span episodes")
+            raise ValueError(
+                "a world-model segment holds at most one episode end (d_t = 1); the replay buffer must "
+                "not sample segments that span episodes"
+            )
         tokens = interleave(obs_tokens, actions)  # (B, T(K+1))
         hidden = self(tokens)  # (B, T(K+1), D)
 
@@ -198,8 +210,9 @@ class WorldModel(nn.Module):
         label_mask = is_frame[1:] & step_mask[:, 1:] & step_mask[:, :-1]  # (B, T(K+1) - 1)
         labels = tokens[:, 1:].masked_fill(~label_mask, IGNORE_INDEX)
         logits = self.head_observations(hidden[:, :-1])  # (B, T(K+1) - 1, N)
-        transition = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="sum") / label_mask.sum().clamp(min=1)
+        transition = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ) / label_mask.sum().clamp(min=1)
 
         action_hidden = hidden.view(B, T, K + 1, -1)[:, :, K]  # (B, T, D): outputs at the action tokens a_t
         reward_out = self.head_rewards(action_hidden)  # (B, T, 3) or (B, T, 1)
@@ -209,19 +222,27 @@ class WorldModel(nn.Module):
         else:  # Eq. (2) as a regression (Section 2.2)
             reward_terms = (reward_out.squeeze(-1) - rewards.float()) ** 2
         reward = masked_mean(reward_terms, mask)
-        termination = masked_mean(F.cross_entropy(self.head_ends(action_hidden).transpose(1, 2), ends,
-                                                  reduction="none"), mask)  # Eq. (3)
-        return {"total": transition + reward + termination, "transition": transition, "reward": reward,
-                "termination": termination}
+        termination = masked_mean(
+            F.cross_entropy(self.head_ends(action_hidden).transpose(1, 2), ends, reduction="none"), mask
+        )  # Eq. (3)
+        return {
+            "total": transition + reward + termination,
+            "transition": transition,
+            "reward": reward,
+            "termination": termination,
+        }
 
-    def configure_optimizer(self, learning_rate: float, betas: tuple[float, float], fused: bool = False
-                            ) -> torch.optim.Optimizer:
+    def configure_optimizer(
+        self, learning_rate: float, betas: tuple[float, float], fused: bool = False
+    ) -> torch.optim.Optimizer:
         """AdamW as in minGPT: weight decay on Linear weights only; none on biases, LayerNorms or embeddings."""
         decay = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         decay_ids = {id(p) for p in decay}
         no_decay = [p for p in self.parameters() if id(p) not in decay_ids]
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
 
@@ -295,8 +316,9 @@ class WorldModelEnv:
         self.world_model(self.tokens, self.cache)
 
     @torch.no_grad()
-    def step(self, actions: torch.Tensor, decode: bool = True
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def step(
+        self, actions: torch.Tensor, decode: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """a_t (B,) int64 -> r̂_t (B,) float32, d̂_t (B,) float32 0/1, x̂_{t+1} = D(ẑ_{t+1}) (B, 3, 64, 64) or None.
 
         Samples r̂_t and d̂_t at the action token, then the K tokens of ẑ_{t+1} one at a time (Eq. 1).
@@ -316,7 +338,7 @@ class WorldModelEnv:
             next_tokens = torch.empty_like(self.tokens)  # ẑ_{t+1}, (B, K)
             for k in range(K):  # Eq. (1): ẑ^{k+1}_{t+1} ~ p_G(. | z_≤t, a_≤t, ẑ^{≤k}_{t+1})
                 next_tokens[:, k] = sample(wm.head_observations(hidden))
-                hidden = wm(next_tokens[:, k:k + 1], self.cache)[:, -1]  # the last pass only fills the cache
+                hidden = wm(next_tokens[:, k : k + 1], self.cache)[:, -1]  # the last pass only fills the cache
             self.tokens = next_tokens
             frames = self.tokenizer.decode(next_tokens) if decode else None
         return rewards, ends, frames
@@ -326,5 +348,7 @@ if __name__ == "__main__":
     tok = TokenizerConfig()
     model = WorldModel(WorldModelConfig(), tok.vocab_size, tok.tokens_per_frame, num_actions=6)  # Pong's 6 actions
     count = sum(p.numel() for p in model.parameters())
-    print(f"world model G, paper config (Table 4), N = {tok.vocab_size}, K = {tok.tokens_per_frame}, A = 6: "
-          f"{count:,} parameters")
+    print(
+        f"world model G, paper config (Table 4), N = {tok.vocab_size}, K = {tok.tokens_per_frame}, A = 6: "
+        f"{count:,} parameters"
+    )
