@@ -1504,7 +1504,7 @@ def test_agent_checkpoint_validator_refuses_other_game_run_or_file(tmp_path):
         agent_lib.load_checkpoint(source)
 
 
-def _evaluate_write_eval(run_dir: Path, game: str, mean_return: float, name: str = "eval.json") -> Path:
+def _evaluate_write_eval(run_dir: Path, game: str, mean_return: float, name: str = "final_eval.json") -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / name).write_text(json.dumps({"game": game, "returns": [mean_return - 1, mean_return + 1]}))
     return run_dir
@@ -1512,7 +1512,7 @@ def _evaluate_write_eval(run_dir: Path, game: str, mean_return: float, name: str
 
 def test_evaluate_aggregate_cli(tmp_path):
     runs = [_evaluate_write_eval(tmp_path / f"pong{s}", "Pong", -20.0 + 10 * s) for s in range(3)]
-    runs += [_evaluate_write_eval(tmp_path / f"breakout{s}", "Breakout", 10.0 + s, "final_eval.json") for s in range(2)]
+    runs += [_evaluate_write_eval(tmp_path / f"breakout{s}", "Breakout", 10.0 + s) for s in range(2)]
     runs += [_evaluate_write_eval(tmp_path / "tennis", "Tennis", -10.0)]
     out = tmp_path / "aggregate.json"
     proc = subprocess.run(
@@ -1555,7 +1555,7 @@ def test_evaluate_aggregate_bad_run_dir(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode != 0 and "no eval.json or final_eval.json" in proc.stderr
+    assert proc.returncode != 0 and "empty: no final_eval.json; train.py writes it when the run ends" in proc.stderr
 
 
 # --- end to end, with a tiny untrained agent (needs train.py, env.py and ALE) -----------------------------------
@@ -1655,7 +1655,7 @@ def test_evaluate_aggregate_cli_reproduces_paper(tmp_path):
         for seed, score in enumerate(runs):
             run_dir = tmp_path / f"{game}-{seed}"
             run_dir.mkdir()
-            (run_dir / "eval.json").write_text(json.dumps({"game": game, "mean_return": score}))
+            (run_dir / "final_eval.json").write_text(json.dumps({"game": game, "mean_return": score}))
             paths.append(str(run_dir))
     out = tmp_path / "aggregate.json"
     command = [sys.executable, str(EVALUATE_REPO / "evaluate.py"), "--aggregate", *paths, "--out", str(out)]
@@ -2743,3 +2743,50 @@ def test_train_learns_to_catch_the_ball(tmp_path, one_thread):
     )
     assert random_return < -0.3
     assert mean_return > 0.8
+
+
+# --- sweeps (issue 17) and aggregate sources ---
+
+
+def test_aggregate_reads_final_eval_unless_asked_and_names_each_file(tmp_path, capsys):
+    """final_eval.json (100 episodes at the end of training) is the score; eval.json only with --score_file."""
+    run = tmp_path / "pong0"
+    run.mkdir()
+    (run / "final_eval.json").write_text(json.dumps({"game": "Pong", "episodes": 100, "mean_return": -5.0}))
+    (run / "eval.json").write_text(json.dumps({"game": "Pong", "episodes": 2, "returns": [9.0, 11.0]}))
+    out = tmp_path / "aggregate.json"
+    evaluate.main(["--aggregate", str(run), "--reps", "100", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["games"]["Pong"]["returns_per_run"] == [-5.0]
+    assert f"Pong                  -5.00  {run / 'final_eval.json'} (100 episodes)" in map(
+        str.strip, printed.splitlines()
+    )
+    evaluate.main(["--aggregate", str(run), "--reps", "100", "--out", str(out), "--score_file", "eval.json"])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["games"]["Pong"]["returns_per_run"] == [10.0]
+    assert f"Pong                  10.00  {run / 'eval.json'} (2 episodes)" in map(str.strip, printed.splitlines())
+    assert "run directories: eval.json, evaluate.py's evaluations" in printed
+    (run / "final_eval.json").unlink()  # eval.json alone is not used in its place, and the message says why
+    with pytest.raises(SystemExit, match=r"pong0: no final_eval.json; it holds eval.json: read that with --score_file"):
+        evaluate.main(["--aggregate", str(run)])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"game": "Pong", "mean_return": "high"}', "'mean_return' is 'high', not a finite number"),
+        ('{"game": "Pong", "mean_return": null}', "'mean_return' is None, not a finite number"),
+        ('{"game": "Pong", "mean_return": NaN}', "'mean_return' is nan, not a finite number"),
+        ("[1, 2, 3]", "holds a JSON list, not an object"),
+        ('{"game": "Pong", "returns": ["a"]}', r"'returns' is \['a'\], not a non-empty list"),
+        ('{"game": "Pong", "returns": []}', r"'returns' is \[\], not a non-empty list"),
+        ('{"game": 3, "mean_return": 1}', "does not name its 'game' \\(found 3\\)"),
+        ('{"game": "Pong"', "cannot read a run's scores"),
+    ],
+)
+def test_aggregate_malformed_score_file_is_named_not_a_traceback(tmp_path, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final_eval.json").write_text(content)
+    with pytest.raises(SystemExit, match=f"evaluate.py: error: {run / 'final_eval.json'}: {message}"):
+        evaluate.main(["--aggregate", str(run)])
