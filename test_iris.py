@@ -2902,6 +2902,10 @@ def test_sweep_status_prints_each_runs_state_epoch_and_last_return(finished_swee
     assert re.search(r"Breakout-s0 +failed +2/2 .* exit code 1, see .*Breakout-s0.log", status)
     assert re.search(r"Breakout-s1 +pending +2/2 ", status)
     assert re.search(r"Pong-s2 +pending +0/2  - +-$", status, re.MULTILINE)
+    # evaluate.py --aggregate on the sweep: its finished runs only, the others named.
+    result = evaluate.aggregate_runs([sweep_dir], evaluate.EvalConfig(bootstrap_reps=100))
+    assert [source["file"] for source in result["sources"]] == [str(sweep_dir / "runs/Pong-s0/final_eval.json")]
+    assert [Path(run).name for run in result["unfinished"]] == ["Pong-s1", "Breakout-s0", "Breakout-s1", "Pong-s2"]
 
 
 def test_sweep_dry_run_prints_the_plan_and_the_projected_gpu_hours(finished_sweep, tmp_path):
