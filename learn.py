@@ -1,7 +1,7 @@
 """Does it learn? The components of IRIS trained alone on real Atari frames, with held-out measurements.
 
     python learn.py tokenizer      # stage 1: E, D and the codebook (Section 2.1, Appendix A.1) on Pong frames
-    python learn.py world_model    # stage 2: G (Section 2.2, Eqs. 1-3, Appendix A.2) on the stage-1 tokens
+    python learn.py world_model    # stage 2: G (Section 2.2, Eqs. (1)-(3), Appendix A.2) on the stage-1 tokens
     (stage 3, `python learn.py loop`, the whole of Algorithm 1, is left to train.py for now)
 
 Data: a random policy (each action kept with probability ACTION_KEEP_PROB, so the paddle travels) plays the

@@ -852,10 +852,10 @@ def test_world_model_label_alignment_by_hand(one_thread):
     # sequence: z_0^1 z_0^2 a_0 | z_1^1 z_1^2 a_1 | z_2^1 z_2^2 a_2   (positions 0..8)
     tokens = torch.tensor([[5, 6, 1, 7, 8, 2, 9, 10, 0]])
     hidden = model(tokens)[0]  # (9, D)
-    predicted_by = {0: 6, 2: 7, 3: 8, 5: 9, 6: 10}  # position -> the frame token it predicts (Eq. 1)
+    predicted_by = {0: 6, 2: 7, 3: 8, 5: 9, 6: 10}  # position -> the frame token it predicts, Eq. (1)
     positions, targets = list(predicted_by), list(predicted_by.values())
     transition = F.cross_entropy(model.head_observations(hidden[positions]), torch.tensor(targets))
-    action_positions = [2, 5, 8]  # r_t and d_t are predicted at a_t (Eqs. 2, 3)
+    action_positions = [2, 5, 8]  # r_t and d_t are predicted at a_t, Eqs. (2)-(3)
     reward = F.cross_entropy(model.head_rewards(hidden[action_positions]), torch.tensor([0, 1, 2]))
     termination = F.cross_entropy(model.head_ends(hidden[action_positions]), torch.tensor([0, 0, 1]))
     torch.testing.assert_close(losses["transition"], transition)
@@ -1108,7 +1108,7 @@ def _ac_tiny_models(num_actions):
 
 
 def _ac_brute_force_lambda_returns(rewards, values, ends, gamma, lam):
-    """Λ_t as the λ-weighted average of n-step returns G_t^(n), in plain Python (the expanded form of Eq. 4)."""
+    """Λ_t as the λ-weighted average of n-step returns G_t^(n), in plain Python (the expanded form of Eq. (4))."""
     batch_size, horizon = len(rewards), len(rewards[0])
     out = [[0.0] * horizon for _ in range(batch_size)]
     for b in range(batch_size):
@@ -1163,7 +1163,7 @@ def test_actor_critic_lambda_returns_lambda_zero_is_one_step_td():
 
 
 def test_actor_critic_lambda_returns_hand_example():
-    # γ = 0.5, λ = 0.5, H = 2, r̂ = (1, 2), V(x̂_1) = 4, V(x̂_2) = 8 (V(x̂_0) is not used by Eq. 4).
+    # γ = 0.5, λ = 0.5, H = 2, r̂ = (1, 2), V(x̂_1) = 4, V(x̂_2) = 8 (Eq. (4) does not use V(x̂_0)).
     # Row 0, no end:  Λ_2 = 8; Λ_1 = 2 + 0.5 * (0.5 * 8 + 0.5 * 8) = 6; Λ_0 = 1 + 0.5 * (0.5 * 4 + 0.5 * 6) = 3.5.
     # Row 1, d̂_0 = 1: Λ_1 = 6 as above; Λ_0 = 1 + 0.5 * 0 * (...) = 1.
     rewards = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
