@@ -242,8 +242,3 @@ def actor_critic_loss(out: ImagineOutput, config: ActorCriticConfig) -> dict[str
         "mean_entropy": ((alive * entropy).sum() / alive.sum()).detach(),
         "lambda_return": ((alive * lambda_returns).sum() / alive.sum()).detach(),
     }
-
-
-if __name__ == "__main__":
-    model = ActorCritic(ActorCriticConfig(), num_actions=6)
-    print(f"actor-critic parameters (paper config, 6 actions): {sum(p.numel() for p in model.parameters()):,}")

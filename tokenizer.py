@@ -401,8 +401,3 @@ def codebook_metrics(tokens: Tensor, vocab_size: int) -> dict[str, Tensor]:
 
 def postprocess(x: Tensor) -> Tensor:
     return (x + 1) / 2  # [-1, 1] -> [0, 1]
-
-
-if __name__ == "__main__":
-    tokenizer = Tokenizer(TokenizerConfig())
-    print(f"tokenizer parameters at the paper config: {sum(p.numel() for p in tokenizer.parameters()):,}")

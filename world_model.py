@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import Tokenizer, TokenizerConfig
+from tokenizer import Tokenizer
 
 MLP_RATIO = 4  # hidden width of the per-position MLP in units of D (GPT-2, minGPT)
 INIT_STD = 0.02  # std of the normal init of Linear and Embedding weights (minGPT, reference code)
@@ -342,13 +342,3 @@ class WorldModelEnv:
             self.tokens = next_tokens
             frames = self.tokenizer.decode(next_tokens) if decode else None
         return rewards, ends, frames
-
-
-if __name__ == "__main__":
-    tok = TokenizerConfig()
-    model = WorldModel(WorldModelConfig(), tok.vocab_size, tok.tokens_per_frame, num_actions=6)  # Pong's 6 actions
-    count = sum(p.numel() for p in model.parameters())
-    print(
-        f"world model G, paper config (Table 4), N = {tok.vocab_size}, K = {tok.tokens_per_frame}, A = 6: "
-        f"{count:,} parameters"
-    )
