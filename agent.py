@@ -83,7 +83,7 @@ class IRISConfig:
     encode_batch_size: int = 1024  # frames per tokenizer call when encoding the dataset
     bf16: str = "cuda"  # bf16 autocast of every forward pass: "cuda" (on GPUs only), "always" (CPUs too), "never"
     fused_adam: bool = True  # Adam's fused kernel (CUDA and CPU): one pass over all parameters, same update
-    channels_last: bool = False  # NHWC layout for the convolutions of E, D and π/V (slower on this CPU: see README)
+    channels_last: bool = False  # NHWC layout for the convolutions of E, D and π/V (README, Speed)
     reuse_freed_memory: bool = True  # CPU: glibc malloc keeps freed pages of big tensors (see reuse_freed_memory)
     # Components
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # Tables 2-3, Appendix A.1
@@ -93,7 +93,7 @@ class IRISConfig:
 
 
 # Presets in the minGPT manner: "paper" is the dataclass defaults; "tiny" shrinks models, batches, epochs and
-# delays so that all three phases run in minutes on a 2-core CPU. The code path is the same.
+# delays so that all three phases run on a laptop CPU (README has the time). The code path is the same.
 # fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -112,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "actor_critic.conv_channels": (8, 8, 16, 16), "actor_critic.lstm_dim": 64, "actor_critic.burn_in": 4,
         "actor_critic.imagination_horizon": 4,
     },
-    # "small": the whole loop learning on a 2-core CPU within about two hours (README "Does it learn?"): 50 epochs
+    # "small": meant for the whole loop to learn on a 2-core CPU (README "Does it learn?"): 50 epochs
     # of 100 env steps (5k steps, 5% of Atari 100k); narrow models whose channels grow as the resolution falls, so
     # that D's 64x64 layers stay cheap; 30 steps of each component per epoch. Same code path as "paper".
     "small": {

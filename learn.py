@@ -9,7 +9,7 @@ training env of env.py (episodes end on game over in Pong, which has no lives); 
 episodes that no model trains on. Everything goes to --out (default runs/learn/): the replay buffers, the
 tokenizer checkpoint, the tokens of every frame, the world model, a PNG of originals above reconstructions
 (Figure 4's top rows) and a GIF of imagination from a real frame (Section 2.3). Each stage prints a table of
-held-out measurements every --eval_every steps. Runs on one CPU thread in 10-20 minutes per stage.
+held-out measurements every --eval_every steps (README "Does it learn?": results and times).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """IRIS training: Algorithm 1 of Appendix D, with the hyperparameters of Tables 2-6 (Appendix A).
 
     python train.py --game Pong                  # the paper's agent (a GPU run of days)
-    python train.py --game Pong --preset tiny    # every phase in minutes on a laptop CPU
+    python train.py --game Pong --preset tiny    # every phase, small enough for a laptop CPU
     python train.py --resume runs/Pong-...       # continue a killed run from its last epoch
 
 Each epoch (Algorithm 1, training_loop): collect_experience in the real environment with the current
