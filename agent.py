@@ -11,11 +11,16 @@ train.py runs Algorithm 1 with it; evaluate.py and play.py only need this file a
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
 import dataclasses
+import inspect
+import io
 import os
 import random
 import sys
+import textwrap
+import tokenize
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -432,11 +437,39 @@ def set_field(config: IRISConfig, name: str, value: Any) -> None:
     setattr(owner, leaf, value)
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field of a config dataclass, read from its source: {"gamma": "γ, Table 6"}."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    body = ast.parse(source).body[0].body  # the class's statements
+    return {
+        node.target.id: comments[node.end_lineno]
+        for node in body
+        if isinstance(node, ast.AnnAssign) and node.end_lineno in comments
+    }
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """--preset and one flag per IRISConfig field, nested ones as --tokenizer.vocab_size; absent flags stay unset."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="paper (Tables 2-6) or tiny")
+    """--preset and one flag per IRISConfig field, nested ones as --tokenizer.vocab_size; absent flags stay unset.
+    Each flag's help is its field's comment (the paper's name and table) and its default; a group per component."""
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="paper", help="paper (Tables 2-6), small or tiny (README)"
+    )
+    top = field_comments(IRISConfig)
+    sections = {"": (IRISConfig, "IRISConfig: training loop (Table 5), evaluation, speed")}
+    for f in fields(IRISConfig):
+        if dataclasses.is_dataclass(f.default_factory):
+            sections[f.name] = f.default_factory, f"{f.default_factory.__name__}: {top[f.name]}"
+    groups = {name: parser.add_argument_group(title) for name, (_, title) in sections.items()}
+    comments = {name: field_comments(cls) for name, (cls, _) in sections.items()}
     for name, default in flat_fields(IRISConfig()).items():
+        section, _, leaf = name.rpartition(".")
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = '""' if shown == "" else shown
 
         def convert(text: str, default: Any = default) -> Any:
             try:
@@ -444,12 +477,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             except ValueError as error:
                 raise argparse.ArgumentTypeError(f"expected a {type(default).__name__}: {error}") from error
 
-        parser.add_argument(
+        groups[section].add_argument(
             f"--{name}",
             type=convert,
             default=argparse.SUPPRESS,
             metavar=type(default).__name__,
-            help=f"default {shown}",
+            help=f"{comments[section].get(leaf, '')} (default {shown})".strip().replace("%", "%%"),
         )
 
 

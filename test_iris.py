@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1747,6 +1748,27 @@ def test_train_cli_sets_any_field_and_rejects_bad_input():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             agent_lib.pick_device("cuda")
+
+
+def test_train_help_shows_each_fields_comment(capsys):
+    """`python train.py --help`: a short usage line, and each field's flag with its comment (the paper's name, its
+    table) and its default, as the config dataclasses write them."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith(" [--resume RUN_DIR] [--overwrite] [--preset NAME] [--FIELD VALUE ...]")
+    text = " ".join(out.split())  # argparse wraps the help lines
+    for line in (
+        "--actor_critic.gamma float γ, Table 6 (default 0.995)",
+        "--tokenizer.vocab_size int N, Table 3 (default 512)",
+        "--world_model.num_layers int M, Table 4 (default 10)",
+        "--collection_epochs int # Collection epochs (default 500)",
+        '--out str run directory; empty: runs/<game>-<time> (default "")',
+        "--actor_critic.conv_channels tuple one 3x3 conv + 2x2 max-pool per entry, Appendix A.3 (default 32,32,64,64)",
+    ):
+        assert line in text, line
+    for name, default in agent_lib.flat_fields(agent_lib.IRISConfig()).items():  # every field has its comment
+        assert re.search(rf"--{re.escape(name)} {type(default).__name__} (?!\(default )\S", text), name
 
 
 @pytest.fixture(scope="module")

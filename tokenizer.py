@@ -30,8 +30,7 @@ class TokenizerConfig:
     dropout: float = 0.0  # in residual blocks, reference code
     num_groups: int = 32  # GroupNorm groups, taming-transformers (smaller for tiny configs with few channels)
     perceptual_weight: float = 1.0  # weight of L_perceptual, equal weighting (Appendix A.1); 0 trains without it
-    reconstruction_loss: str = "l1"  # "l1": ||x - D(z)||_1 (Appendix A.1); "l2": squared error, for runs without
-    # L_perceptual (README "Does it learn?": L1 alone did not learn small objects there)
+    reconstruction_loss: str = "l1"  # "l1": ||x - D(z)||_1, Appendix A.1; "l2": squared error (README "Does it learn?")
     perceptual_dropout: float = 0.0  # LPIPS's dropout before lin0..lin4 while E, D train; 0.5 as the reference code
     pretrained_vgg: bool = True  # ImageNet VGG16 trunk of L_perceptual; False = random weights, for tests only
 

@@ -505,7 +505,11 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [--resume RUN_DIR] [--overwrite] [--preset NAME] [--FIELD VALUE ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help="delete the files of the run at --out, start afresh")
     add_config_flags(parser)
