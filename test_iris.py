@@ -853,9 +853,9 @@ def test_tokenizer_offline_vgg_error_names_file_and_switch(monkeypatch, tmp_path
         tiny_tokenizer(perceptual_weight=1.0).loss(random_frames(2))
 
 
-def catch_frames(count: int, rng: np.random.Generator) -> torch.Tensor:
-    """CatchBall's frames, ball and paddle anywhere (a 16x16 ball on a 4x4 grid): (count, 3, 64, 64) uint8."""
-    env, frames = CatchBall(), []
+def catch_frames(count: int, rng: np.random.Generator, cell: int = 16) -> torch.Tensor:
+    """CatchBall's frames, ball and paddle anywhere on the 4x4 grid: (count, 3, 4 cell, 4 cell) uint8."""
+    env, frames = CatchBall(cell), []
     for _ in range(count):
         env.ball_row, env.ball_col, env.paddle = (int(x) for x in rng.integers(CatchBall.GRID, size=3))
         frames.append(env._obs())
@@ -863,24 +863,29 @@ def catch_frames(count: int, rng: np.random.Generator) -> torch.Tensor:
 
 
 def test_tokenizer_l2_reconstruction_learns_a_small_object():
-    """reconstruction_loss = "l2" draws the ball within 400 steps; with "l1" and no perceptual term, D kept
-    drawing the background there (ball error 0.62 after 300 steps, measured: README "Does it learn?")."""
+    """reconstruction_loss = "l2" draws the ball within 400 steps; with "l1" and no perceptual term, D keeps drawing
+    the background (ball error 0.60 here; 0.62 at 64x64 after 300 steps, README "Does it learn?").
+
+    The learning section's tokenizer (N = d = 16) on CatchBall's frames at half size, 32x32 with 8x8 cells, to save
+    time: one level less (ch_mult of 4), so still one token per cell, K = 16.
+    """
     torch.manual_seed(0)
     catch = {name.split(".")[1]: value for name, value in CATCH_CONFIG.items() if name.startswith("tokenizer.")}
-    tokenizer = tiny_tokenizer(**catch, reconstruction_loss="l2")  # the learning section's tokenizer, N = d = 16
+    tokenizer = tiny_tokenizer(**catch, resolution=32, ch_mult=(1, 1, 1, 1), reconstruction_loss="l2")
+    assert tokenizer.config.tokens_per_frame == 16
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     for _ in range(400):
-        losses = tokenizer.loss(catch_frames(8, rng))
+        losses = tokenizer.loss(catch_frames(8, rng, cell=8))
         optimizer.zero_grad()
         losses["total"].backward()
         optimizer.step()
-    test = catch_frames(64, rng)
+    test = catch_frames(64, rng, cell=8)
     with torch.no_grad():
-        error = (tokenizer.eval().encode_decode(test) - test.float() / 255).abs().mean(1)  # (64, 64, 64)
+        error = (tokenizer.eval().encode_decode(test) - test.float() / 255).abs().mean(1)  # (64, 32, 32)
     ball = (test.amax(1) > 0) & (test[:, 2] == 0)  # the ball's pixels, yellow or green (the paddle is blue)
     print(f"ball error {error[ball].mean():.3f}, background error {error[~ball].mean():.3f}")
-    assert error[ball].mean() < 0.2 and error[~ball].mean() < 0.05  # the ball's own error is 0.62 when erased
+    assert error[ball].mean() < 0.2 and error[~ball].mean() < 0.05  # the ball's own error is 0.60 when erased
 
 
 def test_tokenizer_learns_real_pong_frames(pong):
