@@ -30,7 +30,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn as nn
-import torchvision
 from PIL import Image
 
 from actor_critic import BOOTSTRAPS, ActorCritic, ActorCriticConfig
@@ -710,6 +709,8 @@ def actor_critic_pairs(actor_critic: ActorCritic) -> Pairs:
 
 def extra_shapes(num_actions: int) -> dict[str, torch.Size]:
     """Shapes of the authors' tensors that have no counterpart here: LPIPS, attention masks, head indices."""
+    import torchvision  # here, as in tokenizer.PerceptualLoss: not on every script's start-up
+
     shapes = {f"tokenizer.lpips.scaling_layer.{name}": torch.Size((1, 3, 1, 1)) for name in ("shift", "scale")}
     with torch.device("meta"):
         vgg = torchvision.models.vgg16().features[: VGG16_STAGE_ENDS[-1] + 1]

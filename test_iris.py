@@ -844,6 +844,7 @@ def test_tokenizer_offline_vgg_error_names_file_and_switch(monkeypatch, tmp_path
     with pytest.raises(RuntimeError) as info:
         PerceptualLoss(pretrained=True)
     message = str(info.value)
+    assert tokenizer_module.VGG16_URL == torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
     assert "vgg16-397923af.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
     assert "--tokenizer.perceptual_weight 0" in message
     # perceptual_weight 0 never builds VGG, so it trains offline
