@@ -2,7 +2,8 @@
 
     python learn.py tokenizer      # stage 1: E, D and the codebook (Section 2.1, Appendix A.1) on Pong frames
     python learn.py world_model    # stage 2: G (Section 2.2, Eqs. (1)-(3), Appendix A.2) on the stage-1 tokens
-    (stage 3, `python learn.py loop`, the whole of Algorithm 1, is left to train.py for now)
+    python learn.py curve --runs runs/boxing_small_s0 [...]   # stage 3: train.py's runs (Algorithm 1) against
+                                                            # a random policy: a table and a learning-curve PNG
 
 Data: a random policy (each action kept with probability ACTION_KEEP_PROB, so the paddle travels) plays the
 training env of env.py (episodes end on game over in Pong, which has no lives); a second seed gives held-out
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from env import make_env
+from env import make_env, run_episodes
 from replay import ReplayBuffer, atomic_save
 from tokenizer import Tokenizer, TokenizerConfig
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv
@@ -47,8 +49,10 @@ GIF_MS = 100  # milliseconds per frame of the GIF
 ENCODE_BATCH = 256  # frames per tokenizer call when encoding the data sets
 MAX_GRAD_NORM = 10.0  # gradient clipping, Table 5
 ADAM_BETAS = (0.9, 0.999)  # Adam β1, β2, Table 5
+RANDOM_EPISODES = 32  # episodes of the random policy that stage 3's curve compares with
+Z_95 = 1.96  # 95% two-sided normal quantile
 
-# The sizes found to learn Pong on one CPU core (see /work/scratch/learn_results.md); the paper's are in
+# The sizes found to learn Pong on one CPU core (README "Does it learn?"); the paper's are in
 # TokenizerConfig and WorldModelConfig. perceptual_weight 0: VGG16's ImageNet weights cannot be downloaded here.
 TOKENIZER_SMALL = dict(
     ch=16,
@@ -422,9 +426,90 @@ class Table:
             csv.writer(f).writerow(cells)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 3: the whole of Algorithm 1 is train.py's; here its evaluations, against a random policy, as a curve
+
+
+def mean_ci(returns: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (normal approximation, Section 3.2's episodes)."""
+    values = np.asarray(returns, dtype=np.float64)
+    half = Z_95 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(half)
+
+
+def random_returns(game: str, episodes: int, seed: int, out: Path) -> list[float]:
+    """Returns of a uniformly random policy under the test protocol (env.py, train=False); cached in out."""
+    path = out / f"random_{game.replace('/', '_').replace(':', '_')}_{episodes}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["returns"]
+    env = make_env(game, train=False, seed=seed)
+    rng = np.random.default_rng(seed)
+    n = env.action_space.n
+    env.close()
+    returns = run_episodes(game, lambda obs, first: rng.integers(n, size=len(obs)), episodes, seed=seed)
+    path.write_text(json.dumps({"game": game, "episodes": episodes, "returns": returns}))
+    return returns
+
+
+def run_evaluations(run_dir: Path) -> tuple[str, list[tuple[int, list[float]]], list[float] | None]:
+    """A train.py run's game, its evaluations during training (env steps, returns), and its final evaluation."""
+    checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    points = [(int(row["env_steps"]), row["eval/returns"]) for row in checkpoint["history"] if "eval/returns" in row]
+    final_path = run_dir / "final_eval.json"
+    final = json.loads(final_path.read_text())["returns"] if final_path.is_file() else None
+    return checkpoint["game"], points, final
+
+
+def learning_curve(args: argparse.Namespace) -> None:
+    """Stage 3: evaluation return against env steps for each run, and a random policy's, as a table and a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    if not args.runs:
+        raise SystemExit("learn.py curve: give the run directories of train.py runs with --runs DIR [DIR ...]")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    games = set()
+    for run_dir in map(Path, args.runs):
+        game, points, final = run_evaluations(run_dir)
+        games.add(game)
+        if final is not None:
+            points = points[:-1] if points and points[-1][1] == final else points
+        stats = [(steps, *mean_ci(returns), len(returns)) for steps, returns in points]
+        for steps, mean, half, n in stats:
+            print(f"{run_dir.name} | env steps {steps:>7} | return {mean:8.2f} ± {half:.2f} (95% CI, {n} episodes)")
+        ax.errorbar(
+            [s[0] for s in stats],
+            [s[1] for s in stats],
+            yerr=[s[2] for s in stats],
+            marker="o",
+            capsize=3,
+            label=f"{run_dir.name} (evaluations)",
+        )
+        if final is not None:
+            mean, half = mean_ci(final)
+            steps = stats[-1][0] if stats else 0
+            print(
+                f"{run_dir.name} | final evaluation | return {mean:8.2f} ± {half:.2f} (95% CI, {len(final)} episodes)"
+            )
+            ax.errorbar([steps], [mean], yerr=[half], marker="s", color="black", capsize=4, label="final evaluation")
+    for game in sorted(games):
+        mean, half = mean_ci(random_returns(game, args.random_episodes, args.seed, Path(args.out)))
+        print(f"random policy | {game} | return {mean:8.2f} ± {half:.2f} (95% CI, {args.random_episodes} episodes)")
+        ax.axhspan(mean - half, mean + half, color="grey", alpha=0.3, label=f"random policy, {game} (95% CI)")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("evaluation return")
+    ax.legend(fontsize=8)
+    path = Path(args.out) / "learning_curve.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES), help="stage 1 or 2 (stage 2 needs stage 1's outputs)")
+    parser.add_argument("stage", choices=sorted(STAGES), help="stage 1, 2 (needs stage 1's outputs) or 3 (curve)")
     parser.add_argument("--game", default=GAME)
     parser.add_argument("--out", default="runs/learn", help="data, checkpoints, pictures and metrics")
     parser.add_argument("--seed", type=int, default=0)
@@ -443,8 +528,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     wm.add_argument("--timesteps", type=int, default=WORLD_MODEL_SMALL["max_timesteps"], help="L, steps per segment")
     wm.add_argument("--num_layers", type=int, default=WORLD_MODEL_SMALL["num_layers"])
     wm.add_argument("--wm_embed_dim", dest="wm_embed_dim", type=int, default=WORLD_MODEL_SMALL["embed_dim"])
+    loop = parser.add_argument_group("stage 3: curve of train.py runs")
+    loop.add_argument("--runs", nargs="*", default=[], help="train.py run directories")
+    loop.add_argument("--random_episodes", type=int, default=RANDOM_EPISODES, help="episodes of the random policy")
     args = parser.parse_args(argv)
-    stage_defaults = STAGE_DEFAULTS[args.stage]
+    stage_defaults = STAGE_DEFAULTS.get(args.stage, {})
     for name, value in stage_defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -464,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     STAGES[args.stage](args)
 
 
-STAGES = {"tokenizer": train_tokenizer, "world_model": train_world_model}  # stage 3, "loop", goes here
+STAGES = {"tokenizer": train_tokenizer, "world_model": train_world_model, "curve": learning_curve}
 
 
 if __name__ == "__main__":
