@@ -33,7 +33,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "meta": {
             "preset": args.preset,
+            "config": asdict(cfg),  # what sweep.py --dry_run checks before it uses the projection
             "device": str(device),
             "device_name": device_name(device),
             "torch": torch.__version__,

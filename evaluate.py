@@ -3,7 +3,7 @@ metrics of Table 1 and Figure 5 (mean, median, interquartile mean, optimality ga
 stratified bootstrap confidence intervals (Agarwal et al., 2021).
 
     python evaluate.py RUN_DIR_OR_CHECKPOINT [--episodes 100] [--envs 8] [--temperature 0.5] [--seed S] [--record]
-    python evaluate.py --aggregate RUN_DIR_OR_EVAL_JSON... [--out aggregate.json]
+    python evaluate.py --aggregate RUN_DIR_OR_EVAL_JSON_OR_SWEEP... [--out aggregate.json] [--scores_out runs.json]
     python evaluate.py --authors_checkpoint Pong.pt [--game Pong] [--episodes 100]   # the authors' published agent
 
 One run. The first form loads `RUN_DIR/checkpoint.pt` (or the checkpoint file given), plays the test env of
@@ -13,11 +13,14 @@ temperature 0.5 (Table 5), prints every episode's return, their mean with a boot
 `RUN_DIR/eval.json` (or --out). `--record` saves the best episode as `best_episode.gif` (or .mp4): the real
 64x64 frame x_t beside what the policy sees, x̂_t = D(E(x_t)).
 
-Many runs. `--aggregate` reads one score per run: from RUN_DIR/eval.json (written by the first form: the paper's
-protocol) or else RUN_DIR/final_eval.json (written by train.py at the end of training), or from such a JSON file
-given directly. Each must name its "game" and hold "returns" or "mean_return". Runs of the same game are that
-game's runs (seeds). It prints a table in the layout of Table 1 (the paper's IRIS score beside ours) and the four
-aggregates of HNS with stratified bootstrap 95% CIs.
+Many runs. `--aggregate` reads one score per run: RUN_DIR/final_eval.json, written by train.py at the end of
+training (Section 3.2's protocol: 100 test episodes), or the file named by --score_file (eval.json: the first
+form's output), or a JSON file given directly. A sweep directory of sweep.py (it holds sweep.json) stands for its
+runs; those not finished yet are left out, and named. Each file must name its "game" and hold a number
+"mean_return" or a list of numbers "returns"; the file each score came from is printed. Runs of the same game are
+that game's runs (seeds). It prints a table in the layout of Table 1 (the paper's IRIS score beside ours) and the
+four aggregates of HNS with stratified bootstrap 95% CIs. --scores_out writes the per-run scores in the layout of
+the authors' IRIS.json ({"Pong": [score of run 1, ...], ...}, as scores.json's "iris"), to compare line by line.
 
 Which definitions reproduce the paper (Table 1, from IRIS's 5 runs x 26 games, see test_iris.py):
     mean            of per-game mean HNS                      1.046 (the same pooled over runs x games)
@@ -45,6 +48,8 @@ from pathlib import Path
 import numpy as np
 
 SCORES_PATH = Path(__file__).with_name("scores.json")
+SCORE_FILES = ("final_eval.json", "eval.json")  # train.py's final evaluation (Section 3.2), this script's own
+SWEEP_FILE = "sweep.json"  # sweep.py's plan: {"runs": [{"dir": run directory, relative to the sweep}, ...], ...}
 METRICS = ("mean", "median", "iqm", "optimality_gap")
 METRIC_LABELS = {"mean": "Mean (↑)", "median": "Median (↑)", "iqm": "IQM (↑)", "optimality_gap": "Optimality Gap (↓)"}
 
@@ -168,41 +173,90 @@ def _percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[flo
 # --- --aggregate: many runs ----------------------------------------------------------------------------------------
 
 
-def read_run_score(path: Path) -> tuple[str, float, Path]:
-    """(game, mean test return, file read) of one run: a run directory or an eval JSON file."""
+def read_run_score(path: Path, score_file: str = SCORE_FILES[0]) -> tuple[str, float, Path, int | None]:
+    """(game, mean test return, file read, episodes or None) of one run: a run directory or a score JSON file.
+
+    A run directory is read through its score_file only: a 5-episode eval.json never stands in silently for the
+    100-episode final_eval.json of the paper's protocol.
+    """
     path = Path(path)
     if path.is_dir():
-        candidates = [path / "eval.json", path / "final_eval.json"]
-        found = [p for p in candidates if p.is_file()]
-        if not found:
-            raise EvaluationError(f"{path}: no eval.json or final_eval.json; run `python evaluate.py {path}` first")
-        path = found[0]
+        if not (path / score_file).is_file():
+            others = [name for name in SCORE_FILES if name != score_file and (path / name).is_file()]
+            if others:
+                hint = f"; it holds {others[0]}: read that with --score_file {others[0]}"
+            elif score_file == SCORE_FILES[0]:
+                hint = "; train.py writes it when the run ends"
+            else:
+                hint = f"; run `python evaluate.py {path}` first"
+            raise EvaluationError(f"{path}: no {score_file}{hint}")
+        path = path / score_file
     try:
         with open(path) as f:
             result = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise EvaluationError(f"{path}: cannot read a run's scores ({error})") from error
+    if not isinstance(result, dict):
+        raise EvaluationError(f"{path}: holds a JSON {type(result).__name__}, not an object with 'game' and scores")
     game = result.get("game")
+    if not isinstance(game, str) or not game:
+        raise EvaluationError(f"{path}: does not name its 'game' (found {game!r})")
+    returns = result.get("returns")
     if "mean_return" in result:
+        if not _is_number(result["mean_return"]):
+            raise EvaluationError(f"{path}: 'mean_return' is {result['mean_return']!r}, not a finite number")
         mean_return = float(result["mean_return"])
-    elif result.get("returns"):
-        mean_return = float(np.mean(result["returns"]))
+    elif isinstance(returns, list) and returns and all(_is_number(r) for r in returns):
+        mean_return = float(np.mean(returns))
+    elif "returns" in result:
+        raise EvaluationError(f"{path}: 'returns' is {returns!r}, not a non-empty list of finite numbers")
     else:
         raise EvaluationError(f"{path}: holds neither 'mean_return' nor 'returns'")
-    if not isinstance(game, str):
-        raise EvaluationError(f"{path}: does not name its 'game'")
-    return game, mean_return, path
+    episodes = result.get("episodes", len(returns) if isinstance(returns, list) else None)
+    return game, mean_return, path, episodes if isinstance(episodes, int) else None
 
 
-def aggregate_runs(paths: list[Path], config: EvalConfig, scores: dict | None = None) -> dict:
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def expand_sweeps(paths: list[Path], score_file: str = SCORE_FILES[0]) -> tuple[list[Path], list[str]]:
+    """The paths with each sweep directory (holding sweep.json) replaced by its runs, in the sweep's order; and the
+    runs of sweeps left out because they hold no score_file yet (not finished)."""
+    expanded, unfinished = [], []
+    for path in map(Path, paths):
+        if not (path.is_dir() and (path / SWEEP_FILE).is_file()):
+            expanded.append(path)
+            continue
+        try:
+            runs = [path / run["dir"] for run in json.loads((path / SWEEP_FILE).read_text())["runs"]]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise EvaluationError(f"{path / SWEEP_FILE}: not a sweep plan of sweep.py ({error!r})") from error
+        expanded += [run for run in runs if (run / score_file).is_file()]
+        unfinished += [str(run) for run in runs if not (run / score_file).is_file()]
+    return expanded, unfinished
+
+
+def table1_name(game: str, scores: dict) -> str:
+    """The game's spelling in Table 1 (and in the authors' IRIS.json) when it is one of its games."""
+    return next((name for name in scores["human"] if _key(name) == _key(game)), game)
+
+
+def aggregate_runs(
+    paths: list[Path], config: EvalConfig, scores: dict | None = None, score_file: str = SCORE_FILES[0]
+) -> dict:
     """Group runs by game, normalise, and compute the aggregates (ours with CIs, the paper's IRIS on the same games)."""
     scores = scores or load_reference_scores()
+    paths, unfinished = expand_sweeps(paths, score_file)
+    if not paths:
+        raise EvaluationError(f"no finished run to aggregate ({len(unfinished)} without {score_file})")
     returns_by_game: dict[str, list[float]] = {}
-    names = {}  # one spelling per game, the first seen
+    sources = []
     for path in paths:
-        game, mean_return, _ = read_run_score(path)
-        name = names.setdefault(_key(game), game)
+        game, mean_return, file, episodes = read_run_score(path, score_file)
+        name = table1_name(game, scores)
         returns_by_game.setdefault(name, []).append(mean_return)
+        sources.append({"game": name, "mean_return": mean_return, "file": str(file), "episodes": episodes})
     games, hns_by_game, excluded = {}, {}, {}
     for game, returns in returns_by_game.items():
         hns, reason = human_normalized(returns, game, scores)
@@ -219,7 +273,15 @@ def aggregate_runs(paths: list[Path], config: EvalConfig, scores: dict | None = 
             excluded[game] = reason
         else:
             hns_by_game[game] = hns.tolist()
-    result = {"games": games, "excluded": excluded, "confidence": config.confidence, "seed": config.seed}
+    result = {
+        "games": games,
+        "excluded": excluded,
+        "sources": sources,
+        "unfinished": unfinished,
+        "score_file": score_file,
+        "confidence": config.confidence,
+        "seed": config.seed,
+    }
     if hns_by_game:
         rng = np.random.default_rng(config.seed)
         ours = aggregate_metrics(hns_by_game, config.optimality_threshold)
@@ -232,6 +294,26 @@ def aggregate_runs(paths: list[Path], config: EvalConfig, scores: dict | None = 
         if all(hns is not None for hns in iris_hns.values()):
             result["iris_paper_metrics"] = aggregate_metrics(iris_hns, config.optimality_threshold)
     return result
+
+
+def per_run_scores(result: dict) -> dict[str, list[float]]:
+    """{game: [mean return of each run]}, games sorted: the layout of the authors' IRIS.json (scores.json's "iris")."""
+    return {game: result["games"][game]["returns_per_run"] for game in sorted(result["games"])}
+
+
+def format_sources(result: dict) -> str:
+    """One line per run: its score and the file it came from; then the sweeps' runs left out."""
+    protocol = {
+        "final_eval.json": "the final evaluation of train.py, Section 3.2's protocol",
+        "eval.json": "evaluate.py's evaluations of the checkpoints, not the final ones of train.py",
+    }
+    lines = [f"Score of each run (run directories: {result['score_file']}, {protocol[result['score_file']]}):"]
+    for source in result["sources"]:
+        episodes = "" if source["episodes"] is None else f" ({source['episodes']} episodes)"
+        lines.append(f"  {source['game']:<16}{source['mean_return']:>11.2f}  {source['file']}{episodes}")
+    if result["unfinished"]:
+        lines.append(f"Left out, not finished: {', '.join(result['unfinished'])}")
+    return "\n".join(lines) + "\n"
 
 
 def format_table(result: dict) -> str:
@@ -527,6 +609,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto: cuda, then mps, then cpu")
     parser.add_argument("--reps", type=int, default=defaults.bootstrap_reps, help="bootstrap replicates")
     parser.add_argument("--out", type=Path, help="JSON output (default RUN_DIR/eval.json; --aggregate: none)")
+    parser.add_argument(
+        "--score_file",
+        choices=SCORE_FILES,
+        default=SCORE_FILES[0],
+        help="--aggregate: the file read in each run directory (default: final_eval.json, the paper's protocol)",
+    )
+    parser.add_argument(
+        "--scores_out", type=Path, help="--aggregate: per-run scores in the layout of the authors' IRIS.json"
+    )
     args = parser.parse_args(argv)
     if args.authors_checkpoint is not None:
         if args.paths or args.aggregate:
@@ -549,11 +640,15 @@ def main(argv: list[str] | None = None) -> None:
     config = EvalConfig(seed=args.seed, bootstrap_reps=args.reps, record_format=args.record_format)
     try:
         if args.aggregate:
-            result = aggregate_runs(args.paths, config)
+            result = aggregate_runs(args.paths, config, score_file=args.score_file)
+            print(format_sources(result))
             print(format_table(result))
             if args.out is not None:
                 args.out.write_text(json.dumps(result, indent=2) + "\n")
                 print(f"wrote {args.out}")
+            if args.scores_out is not None:
+                args.scores_out.write_text(json.dumps(per_run_scores(result), indent=4) + "\n")  # as IRIS.json
+                print(f"wrote {args.scores_out}")
             return
         result = evaluate_checkpoint(
             args.paths[0],

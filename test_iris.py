@@ -5,7 +5,9 @@ TEST_SETTINGS); nothing is downloaded and nothing we own is mocked. GPU-only tes
 """
 
 import collections
+import contextlib
 import csv
+import io
 import itertools
 import json
 import math
@@ -35,6 +37,7 @@ import torchvision
 import evaluate
 import agent as agent_lib
 import play
+import sweep
 import tokenizer as tokenizer_module
 import train
 from actor_critic import (
@@ -1598,7 +1601,7 @@ def test_agent_checkpoint_validator_refuses_other_game_run_or_file(tmp_path):
         agent_lib.load_checkpoint(source)
 
 
-def _evaluate_write_eval(run_dir: Path, game: str, mean_return: float, name: str = "eval.json") -> Path:
+def _evaluate_write_eval(run_dir: Path, game: str, mean_return: float, name: str = "final_eval.json") -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / name).write_text(json.dumps({"game": game, "returns": [mean_return - 1, mean_return + 1]}))
     return run_dir
@@ -1606,7 +1609,7 @@ def _evaluate_write_eval(run_dir: Path, game: str, mean_return: float, name: str
 
 def test_evaluate_aggregate_cli(tmp_path, capsys):
     runs = [_evaluate_write_eval(tmp_path / f"pong{s}", "Pong", -20.0 + 10 * s) for s in range(3)]
-    runs += [_evaluate_write_eval(tmp_path / f"breakout{s}", "Breakout", 10.0 + s, "final_eval.json") for s in range(2)]
+    runs += [_evaluate_write_eval(tmp_path / f"breakout{s}", "Breakout", 10.0 + s) for s in range(2)]
     runs += [_evaluate_write_eval(tmp_path / "tennis", "Tennis", -10.0)]
     out = tmp_path / "aggregate.json"
     assert run_main(evaluate.main, "--aggregate", *map(str, runs), "--reps", "1000", "--out", str(out)) is None
@@ -1630,7 +1633,8 @@ def test_evaluate_aggregate_cli(tmp_path, capsys):
 
 def test_evaluate_aggregate_bad_run_dir(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert "no eval.json or final_eval.json" in run_main(evaluate.main, "--aggregate", str(tmp_path / "empty"))
+    message = run_main(evaluate.main, "--aggregate", str(tmp_path / "empty"))
+    assert "empty: no final_eval.json; train.py writes it when the run ends" in message
 
 
 # --- end to end, with a tiny untrained agent (needs train.py, env.py and ALE) -----------------------------------
@@ -1708,7 +1712,7 @@ def test_evaluate_aggregate_cli_reproduces_paper(tmp_path, capsys):
         for seed, score in enumerate(runs):
             run_dir = tmp_path / f"{game}-{seed}"
             run_dir.mkdir()
-            (run_dir / "eval.json").write_text(json.dumps({"game": game, "mean_return": score}))
+            (run_dir / "final_eval.json").write_text(json.dumps({"game": game, "mean_return": score}))
             paths.append(str(run_dir))
     assert len(paths) == 130
     out = tmp_path / "aggregate.json"
@@ -2718,3 +2722,259 @@ def test_train_learns_to_catch_the_ball(tmp_path, one_thread):
     )
     assert random_return < -0.3
     assert mean_return > 0.8
+
+
+# --- sweeps (issue 17) and aggregate sources ---
+
+
+def test_aggregate_reads_final_eval_unless_asked_and_names_each_file(tmp_path, capsys):
+    """final_eval.json (100 episodes at the end of training) is the score; eval.json only with --score_file."""
+    run = tmp_path / "pong0"
+    run.mkdir()
+    (run / "final_eval.json").write_text(json.dumps({"game": "Pong", "episodes": 100, "mean_return": -5.0}))
+    (run / "eval.json").write_text(json.dumps({"game": "Pong", "episodes": 2, "returns": [9.0, 11.0]}))
+    out = tmp_path / "aggregate.json"
+    evaluate.main(["--aggregate", str(run), "--reps", "100", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["games"]["Pong"]["returns_per_run"] == [-5.0]
+    assert f"Pong                  -5.00  {run / 'final_eval.json'} (100 episodes)" in map(
+        str.strip, printed.splitlines()
+    )
+    evaluate.main(["--aggregate", str(run), "--reps", "100", "--out", str(out), "--score_file", "eval.json"])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["games"]["Pong"]["returns_per_run"] == [10.0]
+    assert f"Pong                  10.00  {run / 'eval.json'} (2 episodes)" in map(str.strip, printed.splitlines())
+    assert "run directories: eval.json, evaluate.py's evaluations" in printed
+    (run / "final_eval.json").unlink()  # eval.json alone is not used in its place, and the message says why
+    with pytest.raises(SystemExit, match=r"pong0: no final_eval.json; it holds eval.json: read that with --score_file"):
+        evaluate.main(["--aggregate", str(run)])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"game": "Pong", "mean_return": "high"}', "'mean_return' is 'high', not a finite number"),
+        ('{"game": "Pong", "mean_return": null}', "'mean_return' is None, not a finite number"),
+        ('{"game": "Pong", "mean_return": NaN}', "'mean_return' is nan, not a finite number"),
+        ("[1, 2, 3]", "holds a JSON list, not an object"),
+        ('{"game": "Pong", "returns": ["a"]}', r"'returns' is \['a'\], not a non-empty list"),
+        ('{"game": "Pong", "returns": []}', r"'returns' is \[\], not a non-empty list"),
+        ('{"game": 3, "mean_return": 1}', "does not name its 'game' \\(found 3\\)"),
+        ('{"game": "Pong"', "cannot read a run's scores"),
+    ],
+)
+def test_aggregate_malformed_score_file_is_named_not_a_traceback(tmp_path, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final_eval.json").write_text(content)
+    with pytest.raises(SystemExit, match=f"evaluate.py: error: {run / 'final_eval.json'}: {message}"):
+        evaluate.main(["--aggregate", str(run)])
+
+
+# Micro runs: 2 epochs of 20 real steps, one training step, one test episode of 10 steps; each run is a train.py.
+# fmt: off
+SWEEP_MICRO = [
+    "--preset", "tiny", "--device", "cpu", "--epochs", "2", "--collection_epochs", "2", "--env_steps_per_epoch", "20",
+    "--training_steps_per_epoch", "1", "--eval_episodes", "1", "--final_eval_episodes", "1", "--eval_envs", "1",
+    "--env.max_test_frames", "40", "--media_trajectories", "1",
+]
+# fmt: on
+SWEEP_TWO_BY_TWO = ["--games", "Pong,Breakout", "--seeds", "2", "--parallel", "2", *SWEEP_MICRO]
+
+
+def _sweep_main(*args: str) -> str:
+    """sweep.main in this process (its jobs are processes of their own); what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        sweep.main(list(args))
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """Pong and Breakout x seeds 0 and 1 through the local executor, to the end; (sweep dir, what it printed)."""
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "two"
+    printed = _sweep_main(*SWEEP_TWO_BY_TWO, "--out", str(sweep_dir))
+    return sweep_dir, printed
+
+
+def _sweep_epochs_and_steps(run_dir: Path) -> tuple[list[int], list[int], int, int, int]:
+    """What a finished run holds: epochs and env steps of metrics.csv, the checkpoint's, the dataset's size."""
+    rows = _train_metrics(run_dir)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return (
+        [int(r["epoch"]) for r in rows],
+        [int(r["env_steps"]) for r in rows],
+        checkpoint["epoch"],
+        checkpoint["env_steps"],
+        len(ReplayBuffer.load(run_dir / "replay")),
+    )
+
+
+def test_sweep_local_trains_2_games_x_2_seeds_and_writes_the_aggregate(finished_sweep):
+    sweep_dir, printed = finished_sweep
+    names = ["Pong-s0", "Pong-s1", "Breakout-s0", "Breakout-s1"]
+    finals = {name: json.loads((sweep_dir / "runs" / name / "final_eval.json").read_text()) for name in names}
+    for name in names:
+        assert _sweep_epochs_and_steps(sweep_dir / "runs" / name) == ([1, 2], [20, 40], 2, 40, 40)
+    assert "4 runs: 0 pending, 0 running, 4 done, 0 failed" in printed and "IQM (↑)" in printed
+    table = (sweep_dir / "aggregate.txt").read_text()
+    assert "Optimality Gap (↓)" in table and str(sweep_dir / "runs" / "Pong-s1" / "final_eval.json") in table
+    aggregate = json.loads((sweep_dir / "aggregate.json").read_text())
+    assert aggregate["games"]["Pong"]["returns_per_run"] == [finals[n]["mean_return"] for n in names[:2]]
+    # One JSON of per-run scores in the layout of the authors' IRIS.json (scores.json's "iris"): same game names,
+    # one list of mean returns per game, in seed order.
+    per_run = json.loads((sweep_dir / "per_run_scores.json").read_text())
+    iris = evaluate.load_reference_scores()["iris"]
+    assert list(per_run) == ["Breakout", "Pong"] and set(per_run) <= set(iris)
+    assert per_run == {
+        "Pong": [finals[n]["mean_return"] for n in names[:2]],
+        "Breakout": [finals[n]["mean_return"] for n in names[2:]],
+    }
+    assert all(isinstance(score, float) for scores in per_run.values() for score in scores)
+
+
+def test_sweep_started_again_when_finished_submits_nothing(finished_sweep):
+    sweep_dir, _ = finished_sweep
+    jobs_before = sorted((sweep_dir / "submitit").iterdir())
+    logs_before = {p.name: p.read_text() for p in (sweep_dir / "logs").iterdir()}
+    printed = _sweep_main(*SWEEP_TWO_BY_TWO, "--out", str(sweep_dir))
+    assert "nothing to submit: of 4 runs, 4 are done, 0 running" in printed
+    assert "Mean (↑)" in printed  # the aggregate, on demand
+    assert sorted((sweep_dir / "submitit").iterdir()) == jobs_before  # no job
+    assert {p.name: p.read_text() for p in (sweep_dir / "logs").iterdir()} == logs_before  # no train.py
+    with pytest.raises(SystemExit, match="was planned with another config \\(epochs differ\\)"):
+        _sweep_main(*SWEEP_TWO_BY_TWO, "--epochs", "3", "--out", str(sweep_dir))
+
+
+def test_sweep_status_prints_each_runs_state_epoch_and_last_return(finished_sweep, tmp_path):
+    source, _ = finished_sweep
+    status = _sweep_main("--status", str(source))
+    final = json.loads((source / "runs" / "Pong-s0" / "final_eval.json").read_text())["mean_return"]
+    assert "4 runs: 0 pending, 0 running, 4 done, 0 failed" in status
+    assert re.search(rf"Pong-s0 +done +2/2  {final:.2f} \(final, 1 episodes\) +\d+", status)
+    # The other states, from the files a sweep leaves: a live job's heartbeat, a failure, a run not started.
+    sweep_dir = tmp_path / "copy"
+    shutil.copytree(source, sweep_dir)
+    for name in ("Pong-s1", "Breakout-s0", "Breakout-s1"):
+        (sweep_dir / "runs" / name / "final_eval.json").unlink()
+    (sweep_dir / "logs" / "Pong-s1.alive").touch()
+    (sweep_dir / "logs" / "Breakout-s0.failed").write_text(json.dumps({"reason": "exit code 1"}))
+    stale = sweep_dir / "logs" / "Breakout-s1.alive"  # its job is gone: no heartbeat for minutes
+    stale.touch()
+    os.utime(stale, (time.time() - 600, time.time() - 600))
+    plan = json.loads((sweep_dir / "sweep.json").read_text())
+    plan["runs"].append({"name": "Pong-s2", "game": "Pong", "seed": 2, "dir": "runs/Pong-s2"})
+    (sweep_dir / "sweep.json").write_text(json.dumps(plan))
+    status = _sweep_main("--status", str(sweep_dir))
+    evaluated = _train_metrics(sweep_dir / "runs" / "Pong-s1")[-1]["eval/return"]
+    assert "5 runs: 2 pending, 1 running, 1 done, 1 failed" in status
+    assert re.search(rf"Pong-s1 +running +2/2  {float(evaluated):.2f} \(epoch 2\)", status)
+    assert re.search(r"Breakout-s0 +failed +2/2 .* exit code 1, see .*Breakout-s0.log", status)
+    assert re.search(r"Breakout-s1 +pending +2/2 ", status)
+    assert re.search(r"Pong-s2 +pending +0/2  - +-$", status, re.MULTILINE)
+    # evaluate.py --aggregate on the sweep: its finished runs only, the others named.
+    result = evaluate.aggregate_runs([sweep_dir], evaluate.EvalConfig(bootstrap_reps=100))
+    assert [source["file"] for source in result["sources"]] == [str(sweep_dir / "runs/Pong-s0/final_eval.json")]
+    assert [Path(run).name for run in result["unfinished"]] == ["Pong-s1", "Breakout-s0", "Breakout-s1", "Pong-s2"]
+
+
+def test_sweep_dry_run_prints_the_plan_and_the_projected_gpu_hours(finished_sweep, tmp_path):
+    sweep_dir = tmp_path / "planned"
+    run_config = sweep.parse_args(["--out", str(sweep_dir), *SWEEP_MICRO])[1]
+    bench = {"meta": {"device_name": "NVIDIA A100", "config": asdict(run_config)}, "projection": {"run_hours": 1.5}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    args = ["--games", "Pong,Breakout", "--seeds", "3", "--out", str(sweep_dir), "--dry_run", *SWEEP_MICRO]
+    printed = _sweep_main(*args, "--executor", "slurm", "--bench", str(tmp_path / "bench.json"))
+    assert "plan: 2 games x 3 seeds = 6 runs" in printed
+    assert re.search(r"Breakout-s2 +submit +pending +epoch 0/2", printed)
+    assert (
+        f"python train.py --game Pong --seed 0 --out {sweep_dir.resolve() / 'runs' / 'Pong-s0'} --preset tiny"
+        in printed
+    )
+    assert "a job array of 3 tasks of 2 runs" in printed and "--time=1440" in printed
+    assert "projection (bench.py on NVIDIA A100): 1.5 h per run alone on the device; 6 runs: 9 GPU-hours" in printed
+    assert "6 of 6 runs to submit" in printed and not sweep_dir.exists()  # nothing written
+    bench["meta"]["config"]["epochs"] = 600  # bench.py timed another config: no projection from it
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    printed = _sweep_main(*args, "--bench", str(tmp_path / "bench.json"))
+    assert "projection: none; " in printed and "timed another config (epochs differ)" in printed
+    printed = _sweep_main(*SWEEP_TWO_BY_TWO, "--out", str(finished_sweep[0]), "--dry_run")
+    assert re.search(r"Pong-s1 +skip +done +epoch 2/2", printed) and "0 of 4 runs to submit" in printed
+
+
+def test_sweep_job_stopped_mid_run_is_requeued_and_ends_as_an_uninterrupted_run(finished_sweep, tmp_path):
+    """USR2 (Slurm's signal before a time limit) to the job running Pong-s0 and its train.py: the job stops train.py,
+    submitit requeues the job, the run resumes and ends with the epochs and dataset of the uninterrupted Pong-s0."""
+    sweep_dir = tmp_path / "killed"
+    run_dir = sweep_dir / "runs" / "Pong-s0"
+    command = ["--games", "Pong", "--seeds", "1", "--out", str(sweep_dir), *SWEEP_MICRO]
+    proc = start_script("sweep.py", *command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((run_dir / "metrics.csv").is_file() and _train_metrics(run_dir)):
+        time.sleep(0.05)  # until epoch 1 is saved
+    train_pid = int((run_dir / ".lock").read_text())
+    job_pid = int(Path(f"/proc/{train_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent: the job
+    for pid in (train_pid, job_pid):  # Slurm signals every process of the task; train.py must not die of it
+        os.kill(pid, signal.SIGUSR2)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    log = (sweep_dir / "logs" / "Pong-s0.log").read_text()
+    # train.py saved and stopped before the requeue (Slurm ends a requeued task's processes at once); then resumed.
+    stopped = re.search(r"SIGTERM: stopped; epoch [12] of 2 is the last complete one", log)
+    requeued = re.search(r"sweep.py .*: stopped for the job's requeue; train.py exit code 143", log)
+    resumed = re.search(f"sweep.py .*: python train.py --resume {run_dir.resolve()}", log)
+    assert stopped and requeued and resumed and stopped.start() < requeued.start() < resumed.start(), log
+    job_log = "".join(p.read_text() for p in sorted((sweep_dir / "submitit").glob("*_log.*")))
+    assert "this job is preempted" in job_log and "Requeued job" in job_log
+    uninterrupted = _sweep_epochs_and_steps(finished_sweep[0] / "runs" / "Pong-s0")
+    assert _sweep_epochs_and_steps(run_dir) == uninterrupted == ([1, 2], [20, 40], 2, 40, 40)
+    assert (run_dir / "final_eval.json").is_file() and "1 runs: 0 pending, 0 running, 1 done" in output
+
+
+def test_sweep_slurm_submission_script_carries_the_options(tmp_path, monkeypatch):
+    """sbatch and srun stand-ins on PATH (no cluster here): submitit writes the real sbatch scripts, kept here."""
+    bin_dir, scripts = tmp_path / "bin", tmp_path / "scripts"
+    bin_dir.mkdir()
+    scripts.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        f'n=$(ls {scripts} | wc -l); id=$((4242 + n)); cp "$1" {scripts}/$id.sh; echo "Submitted batch job $id"\n'
+    )
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    sweep_dir = tmp_path / "table1"
+    printed = _sweep_main(
+        *["--games", "Pong,Breakout", "--seeds", "3", "--out", str(sweep_dir), "--executor", "slurm"],
+        *["--partition", "gpu_p", "--account", "iris", "--time_min", "600", "--cpus_per_task", "10"],
+        *["--mem_gb", "40", "--runs_per_gpu", "2", "--sbatch", "mail-type=END", *SWEEP_MICRO],
+    )
+    array, aggregate = (scripts / "4242.sh").read_text(), (scripts / "4243.sh").read_text()
+    for option in (
+        "--array=0-2%3",  # 6 runs, 2 per GPU: 3 tasks, all at once (array_parallelism 256)
+        "--partition=gpu_p",
+        "--account=iris",
+        "--time=600",
+        "--gpus-per-node=1",
+        "--cpus-per-task=10",
+        "--mem=40GB",
+        "--ntasks-per-node=1",
+        "--signal=USR2@120",  # submitit's checkpoint: 2 minutes before the time limit
+        "--requeue",
+        "--mail-type=END",
+        "--job-name=iris-table1",
+    ):
+        assert f"#SBATCH {option}\n" in array, option
+    assert "#SBATCH --dependency=afterany:4242\n" in aggregate and "gpus" not in aggregate
+    assert "submitted job array 4242: 3 tasks of 2 runs" in printed
+    jobs = json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+    assert jobs == {"Pong-s0": "4242_0", "Pong-s1": "4242_0", "Pong-s2": "4242_1", "Breakout-s0": "4242_1",
+                    "Breakout-s1": "4242_2", "Breakout-s2": "4242_2"}  # fmt: skip
+    import submitit
+
+    task = submitit.helpers.DelayedSubmission.load(sweep_dir / "submitit" / "4242_1_submitted.pkl").function
+    assert isinstance(task, sweep.SweepJob) and task.concurrent == 2
+    assert [run["name"] for run in task.runs] == ["Pong-s2", "Breakout-s0"]
+    assert re.search(r"Breakout-s2 +pending +0/2  - +4242_2", _sweep_main("--status", str(sweep_dir)))
