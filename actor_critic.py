@@ -32,7 +32,7 @@ class ActorCriticConfig:
     lam: float = 0.95  # λ, Table 6
     entropy_weight: float = 0.001  # η, Table 6
     # The authors' code, where it departs from the paper (README "Where this differs from the reference"):
-    bootstrap: str = "paper"  # "paper": Λ_H = V(x̂_H), H steps trained (Eq. 4); "reference": Λ_{H-1} = V(x̂_{H-1})
+    bootstrap: str = "paper"  # "paper": Λ_H = V(x̂_H), H steps trained, Eq. (4); "reference": Λ_{H-1} = V(x̂_{H-1})
     train_after_end: bool = False  # True: steps after an imagined end keep their weight, as in the authors' code
 
 
@@ -219,8 +219,8 @@ def actor_critic_loss(out: ImagineOutput, config: ActorCriticConfig) -> dict[str
     with torch.no_grad():
         lambda_returns = compute_lambda_returns(out.rewards, out.values, out.ends, config.gamma, config.lam)  # sg(Λ_t)
         alive = alive_mask(out.ends)  # (B, H)
-        # The paper stops the episode at an imagined end: later steps carry no weight in Eqs. (5) and (6).
-        # Differs from the paper: the sums over t of Eqs. (5) and (6) are divided by H (the reference code averages
+        # The paper stops the episode at an imagined end: later steps carry no weight in Eqs. (5)-(6).
+        # Differs from the paper: the sums over t of Eqs. (5)-(6) are divided by H (the reference code averages
         # over steps), so each loss is a mean over the B * H steps, the masked ones counting as zero.
         # Differs from the reference code: it also trains on the steps after an imagined end (train_after_end).
         weights = (torch.ones_like(alive) if config.train_after_end else alive) / (batch_size * horizon)  # (B, H)
@@ -242,8 +242,3 @@ def actor_critic_loss(out: ImagineOutput, config: ActorCriticConfig) -> dict[str
         "mean_entropy": ((alive * entropy).sum() / alive.sum()).detach(),
         "lambda_return": ((alive * lambda_returns).sum() / alive.sum()).detach(),
     }
-
-
-if __name__ == "__main__":
-    model = ActorCritic(ActorCriticConfig(), num_actions=6)
-    print(f"actor-critic parameters (paper config, 6 actions): {sum(p.numel() for p in model.parameters()):,}")

@@ -11,11 +11,16 @@ train.py runs Algorithm 1 with it; evaluate.py and play.py only need this file a
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
 import dataclasses
+import inspect
+import io
 import os
 import random
 import sys
+import textwrap
+import tokenize
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,7 +30,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn as nn
-import torchvision
 from PIL import Image
 
 from actor_critic import BOOTSTRAPS, ActorCritic, ActorCriticConfig
@@ -83,7 +87,7 @@ class IRISConfig:
     encode_batch_size: int = 1024  # frames per tokenizer call when encoding the dataset
     bf16: str = "cuda"  # bf16 autocast of every forward pass: "cuda" (on GPUs only), "always" (CPUs too), "never"
     fused_adam: bool = True  # Adam's fused kernel (CUDA and CPU): one pass over all parameters, same update
-    channels_last: bool = False  # NHWC layout for the convolutions of E, D and π/V (slower on this CPU: see README)
+    channels_last: bool = False  # NHWC layout for the convolutions of E, D and π/V (README, Speed)
     reuse_freed_memory: bool = True  # CPU: glibc malloc keeps freed pages of big tensors (see reuse_freed_memory)
     # Components
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # Tables 2-3, Appendix A.1
@@ -93,7 +97,7 @@ class IRISConfig:
 
 
 # Presets in the minGPT manner: "paper" is the dataclass defaults; "tiny" shrinks models, batches, epochs and
-# delays so that all three phases run in minutes on a 2-core CPU. The code path is the same.
+# delays so that all three phases run on a laptop CPU (README has the time). The code path is the same.
 # fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -112,7 +116,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "actor_critic.conv_channels": (8, 8, 16, 16), "actor_critic.lstm_dim": 64, "actor_critic.burn_in": 4,
         "actor_critic.imagination_horizon": 4,
     },
-    # "small": the whole loop learning on a 2-core CPU within about two hours (README "Does it learn?"): 50 epochs
+    # "small": meant for the whole loop to learn on a 2-core CPU (README "Does it learn?"): 50 epochs
     # of 100 env steps (5k steps, 5% of Atari 100k); narrow models whose channels grow as the resolution falls, so
     # that D's 64x64 layers stay cheap; 30 steps of each component per epoch. Same code path as "paper".
     "small": {
@@ -433,11 +437,39 @@ def set_field(config: IRISConfig, name: str, value: Any) -> None:
     setattr(owner, leaf, value)
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field of a config dataclass, read from its source: {"gamma": "γ, Table 6"}."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    body = ast.parse(source).body[0].body  # the class's statements
+    return {
+        node.target.id: comments[node.end_lineno]
+        for node in body
+        if isinstance(node, ast.AnnAssign) and node.end_lineno in comments
+    }
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """--preset and one flag per IRISConfig field, nested ones as --tokenizer.vocab_size; absent flags stay unset."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="paper (Tables 2-6) or tiny")
+    """--preset and one flag per IRISConfig field, nested ones as --tokenizer.vocab_size; absent flags stay unset.
+    Each flag's help is its field's comment (the paper's name and table) and its default; a group per component."""
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="paper", help="paper (Tables 2-6), small or tiny (README)"
+    )
+    top = field_comments(IRISConfig)
+    sections = {"": (IRISConfig, "IRISConfig: training loop (Table 5), evaluation, speed")}
+    for f in fields(IRISConfig):
+        if dataclasses.is_dataclass(f.default_factory):
+            sections[f.name] = f.default_factory, f"{f.default_factory.__name__}: {top[f.name]}"
+    groups = {name: parser.add_argument_group(title) for name, (_, title) in sections.items()}
+    comments = {name: field_comments(cls) for name, (cls, _) in sections.items()}
     for name, default in flat_fields(IRISConfig()).items():
+        section, _, leaf = name.rpartition(".")
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = '""' if shown == "" else shown
 
         def convert(text: str, default: Any = default) -> Any:
             try:
@@ -445,12 +477,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             except ValueError as error:
                 raise argparse.ArgumentTypeError(f"expected a {type(default).__name__}: {error}") from error
 
-        parser.add_argument(
+        groups[section].add_argument(
             f"--{name}",
             type=convert,
             default=argparse.SUPPRESS,
             metavar=type(default).__name__,
-            help=f"default {shown}",
+            help=f"{comments[section].get(leaf, '')} (default {shown})".strip().replace("%", "%%"),
         )
 
 
@@ -678,6 +710,8 @@ def actor_critic_pairs(actor_critic: ActorCritic) -> Pairs:
 
 def extra_shapes(num_actions: int) -> dict[str, torch.Size]:
     """Shapes of the authors' tensors that have no counterpart here: LPIPS, attention masks, head indices."""
+    import torchvision  # here, as in tokenizer.PerceptualLoss: not on every script's start-up
+
     shapes = {f"tokenizer.lpips.scaling_layer.{name}": torch.Size((1, 3, 1, 1)) for name in ("shift", "scale")}
     with torch.device("meta"):
         vgg = torchvision.models.vgg16().features[: VGG16_STAGE_ENDS[-1] + 1]

@@ -1,7 +1,7 @@
 """Does it learn? The components of IRIS trained alone on real Atari frames, with held-out measurements.
 
     python learn.py tokenizer      # stage 1: E, D and the codebook (Section 2.1, Appendix A.1) on Pong frames
-    python learn.py world_model    # stage 2: G (Section 2.2, Eqs. 1-3, Appendix A.2) on the stage-1 tokens
+    python learn.py world_model    # stage 2: G (Section 2.2, Eqs. (1)-(3), Appendix A.2) on the stage-1 tokens
     python learn.py curve --runs runs/boxing_small_s0 [...]   # stage 3: train.py's runs (Algorithm 1) against
                                                             # a random policy: a table and a learning-curve PNG
 
@@ -10,7 +10,7 @@ training env of env.py (episodes end on game over in Pong, which has no lives); 
 episodes that no model trains on. Everything goes to --out (default runs/learn/): the replay buffers, the
 tokenizer checkpoint, the tokens of every frame, the world model, a PNG of originals above reconstructions
 (Figure 4's top rows) and a GIF of imagination from a real frame (Section 2.3). Each stage prints a table of
-held-out measurements every --eval_every steps. Runs on one CPU thread in 10-20 minutes per stage.
+held-out measurements every --eval_every steps (README "Does it learn?": results and times).
 """
 
 from __future__ import annotations

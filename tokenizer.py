@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor
 
 
@@ -30,8 +29,7 @@ class TokenizerConfig:
     dropout: float = 0.0  # in residual blocks, reference code
     num_groups: int = 32  # GroupNorm groups, taming-transformers (smaller for tiny configs with few channels)
     perceptual_weight: float = 1.0  # weight of L_perceptual, equal weighting (Appendix A.1); 0 trains without it
-    reconstruction_loss: str = "l1"  # "l1": ||x - D(z)||_1 (Appendix A.1); "l2": squared error, for runs without
-    # L_perceptual (README "Does it learn?": L1 alone did not learn small objects there)
+    reconstruction_loss: str = "l1"  # "l1": ||x - D(z)||_1, Appendix A.1; "l2": squared error (README "Does it learn?")
     perceptual_dropout: float = 0.0  # LPIPS's dropout before lin0..lin4 while E, D train; 0.5 as the reference code
     pretrained_vgg: bool = True  # ImageNet VGG16 trunk of L_perceptual; False = random weights, for tests only
 
@@ -164,7 +162,7 @@ def build_decoder(config: TokenizerConfig) -> nn.Sequential:
 
 
 VGG16_STAGE_ENDS = (3, 8, 15, 22, 29)  # indices in vgg16().features of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-VGG16_WEIGHTS = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # VGG16 channels at the five stage ends, one linear layer each
 # LPIPS's ScalingLayer, (x - shift) / scale on x in [-1, 1]: torchvision's ImageNet mean (0.485, 0.456, 0.406) and
 # std (0.229, 0.224, 0.225) moved to [-1, 1] (shift = 2 mean - 1, scale = 2 std), as LPIPS writes them.
@@ -190,8 +188,10 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, pretrained: bool) -> None:
         super().__init__()
+        import torchvision  # here: importing it slows every script's start-up (README, Speed), most never need it
+
         lpips_path = lpips_weights_path()  # before VGG16, to fail fast
-        weights = VGG16_WEIGHTS if pretrained else None
+        weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1 if pretrained else None
         try:
             vgg = torchvision.models.vgg16(weights=weights)
         except Exception as err:  # offline: URLError; partial or corrupt file: RuntimeError
@@ -240,11 +240,11 @@ def lpips_weights_path() -> str:
 
 
 def missing_vgg_message() -> str:
-    filename = VGG16_WEIGHTS.url.rsplit("/", 1)[-1]
+    filename = VGG16_URL.rsplit("/", 1)[-1]
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")  # where torch.hub.load_state_dict_from_url looks
     return (
         f"The tokenizer's perceptual loss needs torchvision's ImageNet VGG16 weights, which could not be loaded: "
-        f"torchvision looks for the file {filename} in {folder} (downloaded from {VGG16_WEIGHTS.url}). "
+        f"torchvision looks for the file {filename} in {folder} (downloaded from {VGG16_URL}). "
         f"Put that file there, or train without the perceptual term with `--tokenizer.perceptual_weight 0` "
         f"(TokenizerConfig(perceptual_weight=0.0))."
     )
@@ -401,8 +401,3 @@ def codebook_metrics(tokens: Tensor, vocab_size: int) -> dict[str, Tensor]:
 
 def postprocess(x: Tensor) -> Tensor:
     return (x + 1) / 2  # [-1, 1] -> [0, 1]
-
-
-if __name__ == "__main__":
-    tokenizer = Tokenizer(TokenizerConfig())
-    print(f"tokenizer parameters at the paper config: {sum(p.numel() for p in tokenizer.parameters()):,}")

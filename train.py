@@ -1,7 +1,7 @@
 """IRIS training: Algorithm 1 of Appendix D, with the hyperparameters of Tables 2-6 (Appendix A).
 
     python train.py --game Pong                  # the paper's agent (a GPU run of days)
-    python train.py --game Pong --preset tiny    # every phase in minutes on a laptop CPU
+    python train.py --game Pong --preset tiny    # every phase, small enough for a laptop CPU
     python train.py --resume runs/Pong-...       # continue a killed run from its last epoch
 
 Each epoch (Algorithm 1, training_loop): collect_experience in the real environment with the current
@@ -505,7 +505,11 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [--resume RUN_DIR] [--overwrite] [--preset NAME] [--FIELD VALUE ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help="delete the files of the run at --out, start afresh")
     add_config_flags(parser)

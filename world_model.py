@@ -1,10 +1,10 @@
-"""The world model's Transformer G (Section 2.2, Eqs. 1-3; Appendix A.2, Table 4) and the imagination MDP
+"""The world model's Transformer G (Section 2.2, Eqs. (1)-(3); Appendix A.2, Table 4) and the imagination MDP
 that G and the discrete autoencoder (E, D) form together (Section 2.3; Algorithm 1, update_behavior).
 
 G is a GPT-2-style Transformer in the manner of minGPT over the interleaved sequence
 (z_0^1, ..., z_0^K, a_0, z_1^1, ..., z_t^K, a_t) of at most L(K + 1) tokens. At every position whose next token is
-a frame token it predicts that token (Eq. 1); at every action token a_t it predicts the reward r_t (Eq. 2) and the
-episode end d_t (Eq. 3).
+a frame token it predicts that token, Eq. (1); at every action token a_t it predicts the reward r_t, Eq. (2), and
+the episode end d_t, Eq. (3).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import Tokenizer, TokenizerConfig
+from tokenizer import Tokenizer
 
 MLP_RATIO = 4  # hidden width of the per-position MLP in units of D (GPT-2, minGPT)
 INIT_STD = 0.02  # std of the normal init of Linear and Embedding weights (minGPT, reference code)
@@ -134,7 +134,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class WorldModel(nn.Module):
-    """The Transformer G with its three heads: transitions (Eq. 1), rewards (Eq. 2), terminations (Eq. 3)."""
+    """The Transformer G with its three heads: transitions, Eq. (1); rewards, Eq. (2); terminations, Eq. (3)."""
 
     def __init__(self, config: WorldModelConfig, vocab_size: int, tokens_per_frame: int, num_actions: int) -> None:
         super().__init__()
@@ -321,7 +321,7 @@ class WorldModelEnv:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """a_t (B,) int64 -> r̂_t (B,) float32, d̂_t (B,) float32 0/1, x̂_{t+1} = D(ẑ_{t+1}) (B, 3, 64, 64) or None.
 
-        Samples r̂_t and d̂_t at the action token, then the K tokens of ẑ_{t+1} one at a time (Eq. 1).
+        Samples r̂_t and d̂_t at the action token, then the K tokens of ẑ_{t+1} one at a time, Eq. (1).
         """
         assert self.tokens is not None, "call reset(frames) first"
         wm, K = self.world_model, self.world_model.tokens_per_frame
@@ -342,13 +342,3 @@ class WorldModelEnv:
             self.tokens = next_tokens
             frames = self.tokenizer.decode(next_tokens) if decode else None
         return rewards, ends, frames
-
-
-if __name__ == "__main__":
-    tok = TokenizerConfig()
-    model = WorldModel(WorldModelConfig(), tok.vocab_size, tok.tokens_per_frame, num_actions=6)  # Pong's 6 actions
-    count = sum(p.numel() for p in model.parameters())
-    print(
-        f"world model G, paper config (Table 4), N = {tok.vocab_size}, K = {tok.tokens_per_frame}, A = 6: "
-        f"{count:,} parameters"
-    )
