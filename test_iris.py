@@ -875,7 +875,7 @@ def test_tokenizer_l2_reconstruction_learns_a_small_object():
     """
     torch.manual_seed(0)
     catch = {name.split(".")[1]: value for name, value in CATCH_CONFIG.items() if name.startswith("tokenizer.")}
-    tokenizer = tiny_tokenizer(**catch, resolution=32, ch_mult=(1, 1, 1, 1), reconstruction_loss="l2")
+    tokenizer = tiny_tokenizer(**{**catch, "reconstruction_loss": "l2"}, resolution=32, ch_mult=(1, 1, 1, 1))
     assert tokenizer.config.tokens_per_frame == 16
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
