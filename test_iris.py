@@ -2743,3 +2743,28 @@ def test_train_learns_to_catch_the_ball(tmp_path, one_thread):
     )
     assert random_return < -0.3
     assert mean_return > 0.8
+
+
+# --- reliability (issue 15) -----------------------------------------------------------------------------------------
+
+
+def test_rel_argument_errors_are_one_line(capsys):
+    import bench
+    import learn
+
+    proc = _train_cli("--epochs", "many")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("train.py: error: argument --epochs: ") and proc.stderr.endswith(" (see --help)\n")
+    for parse in (play.parse_args, learn.parse_args, bench.parse_bench_args):
+        with pytest.raises(SystemExit):
+            parse(["--bogus"])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ": error: " in err and err.endswith(" (see --help)\n"), err
+
+
+def test_rel_collection_epochs_cannot_exceed_epochs():
+    config = train.parse_args(["--preset", "tiny", "--epochs", "4"])[0]
+    assert config.collection_epochs == 4  # --epochs alone shortens the collection with it
+    config = train.parse_args(["--preset", "tiny", "--epochs", "4", "--collection_epochs", "6"])[0]
+    with pytest.raises(agent_lib.ConfigError, match="collection_epochs = 6 is more than epochs = 4"):
+        agent_lib.validate_config(config)

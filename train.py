@@ -35,6 +35,7 @@ from actor_critic import actor_critic_loss, imagine
 from agent import (
     COMPONENTS,
     Agent,
+    CLIParser,
     IRISConfig,
     add_config_flags,
     config_from_args,
@@ -505,7 +506,7 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CLIParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help="delete the files of the run at --out, start afresh")
     add_config_flags(parser)
