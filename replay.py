@@ -30,6 +30,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the run from the user's group
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -38,6 +39,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _crc32(tensor: torch.Tensor) -> int:

@@ -2768,3 +2768,22 @@ def test_rel_collection_epochs_cannot_exceed_epochs():
     config = train.parse_args(["--preset", "tiny", "--epochs", "4", "--collection_epochs", "6"])[0]
     with pytest.raises(agent_lib.ConfigError, match="collection_epochs = 6 is more than epochs = 4"):
         agent_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_rel_checkpoints_and_replay_files_follow_the_umask(tmp_path, umask, mode):
+    from replay import atomic_save
+
+    old = os.umask(umask)
+    try:
+        atomic_save({"epoch": 1}, tmp_path / "checkpoint.pt")
+        _filled_buffer([5]).save(tmp_path / "replay")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "checkpoint.pt", *(tmp_path / "replay").iterdir()]
+    assert [f.stat().st_mode & 0o777 for f in files] == [mode] * 2
+
+
+def test_rel_progress_bars_stay_out_of_logs(capfd):
+    run_episodes(CATCH_ID, lambda obs, first: np.zeros(len(obs), dtype=np.int64), 2, num_envs=1, seed=0)
+    assert "\r" not in capfd.readouterr().err  # stderr is a file here, as in `python train.py 2> log`
