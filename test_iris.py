@@ -1860,7 +1860,7 @@ def test_train_resume_refuses_missing_or_corrupt_checkpoint(tmp_path):
     proc = _train_cli("--resume", str(tmp_path))
     assert proc.returncode != 0 and "corrupt" in proc.stderr and str(tmp_path / "checkpoint.pt") in proc.stderr
     with pytest.raises(SystemExit):
-        train.parse_args(["--resume", str(tmp_path), "--epochs", "3"])  # a resumed run keeps its config
+        train.parse_args(["--resume", str(tmp_path), "--seed", "3"])  # a resumed run keeps its config
 
 
 def test_train_collection_burns_in_its_lstm_state_after_an_evaluation(tmp_path):
@@ -2747,6 +2747,99 @@ def test_train_learns_to_catch_the_ball(tmp_path, one_thread):
 
 # --- reliability (issue 15) -----------------------------------------------------------------------------------------
 
+# Two tiny epochs of 20 steps and 2 training steps each: the smallest run with a checkpoint before the last one.
+REL_RUN = [*FAST_RUN, "--epochs", "2", "--env_steps_per_epoch", "20", "--training_steps_per_epoch", "2"]
+
+
+@pytest.fixture(scope="module")
+def rel_finished_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("rel") / "run"
+    proc = _train_cli(*REL_RUN, "--out", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _rel_copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def _rel_epoch(path: Path) -> int:
+    return torch.load(path, weights_only=False)["epoch"]
+
+
+def test_rel_a_corrupt_checkpoint_resumes_from_the_previous_epoch(rel_finished_run, tmp_path):
+    run_dir = _rel_copy(rel_finished_run, tmp_path)
+    assert (_rel_epoch(run_dir / "checkpoint.pt"), _rel_epoch(run_dir / "checkpoint.prev.pt")) == (2, 1)
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a truncated write
+    proc = _train_cli("--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint.pt is unreadable (" in proc.stdout
+    assert "resuming from checkpoint.prev.pt, epoch 1 (20 env steps)" in proc.stdout
+    rows = _train_metrics(run_dir)
+    assert [(int(r["epoch"]), int(r["env_steps"])) for r in rows] == [(1, 20), (2, 40)]  # epoch 2 done again
+    assert len(ReplayBuffer.load(run_dir / "replay")) == 40  # cut back to 20 steps, then epoch 2's 20 again
+    assert (_rel_epoch(run_dir / "checkpoint.pt"), _rel_epoch(run_dir / "checkpoint.prev.pt")) == (2, 1)
+    assert (run_dir / "checkpoint.corrupt.pt").read_bytes() == data[: len(data) // 2]
+
+
+def test_rel_resuming_a_complete_run_does_nothing(rel_finished_run, tmp_path):
+    run_dir = _rel_copy(rel_finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    proc = _train_cli("--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{run_dir}: the run is complete (2 epochs, final_eval.json written); nothing to do" in proc.stdout
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_rel_resume_with_more_epochs_extends_a_finished_run(rel_finished_run, tmp_path, capsys):
+    run_dir = _rel_copy(rel_finished_run, tmp_path)
+    for flags in (["--seed", "3"], ["--preset", "tiny", "--learning_rate", "0.1"]):  # only the schedule may change
+        with pytest.raises(SystemExit):
+            train.parse_args(["--resume", str(run_dir), "--epochs", "3", *flags])
+        assert "drop " + ", ".join(sorted(f for f in flags if f.startswith("--"))) in capsys.readouterr().err
+    proc = _train_cli("--resume", str(run_dir), "--epochs", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extended the run: epochs 2 -> 3" in proc.stdout
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 3
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["config"]["epochs"]) == (3, 3)
+    assert [int(r["epoch"]) for r in _train_metrics(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / "final_eval.json").read_text())["epoch"] == 3
+    assert json.loads((run_dir / "final_eval_epoch0002.json").read_text())["env_steps"] == 40  # the old end's
+    with pytest.raises(agent_lib.ConfigError, match="has done 3 epochs: --epochs 1 cannot undo them"):
+        train.resume_run(run_dir, {"epochs": 1})
+
+
+def test_rel_an_edited_config_json_is_rewritten_from_the_checkpoint(rel_finished_run, tmp_path):
+    run_dir = _rel_copy(rel_finished_run, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
+    proc = _train_cli("--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: config.json differs from checkpoint.pt's config (learning_rate 0.5 instead of 0.001)" in (
+        proc.stderr
+    )
+    assert json.loads((run_dir / "config.json").read_text()) == config
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_rel_checkpoints_and_replay_files_follow_the_umask(tmp_path, umask, mode):
+    from replay import atomic_save
+
+    old = os.umask(umask)
+    try:
+        atomic_save({"epoch": 1}, tmp_path / "checkpoint.pt")
+        atomic_save({"epoch": 2}, tmp_path / "checkpoint.pt", previous=tmp_path / "checkpoint.prev.pt")
+        _filled_buffer([5]).save(tmp_path / "replay")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt", *(tmp_path / "replay").iterdir()]
+    assert [f.stat().st_mode & 0o777 for f in files] == [mode] * 3
+    assert _rel_epoch(tmp_path / "checkpoint.prev.pt") == 1
+
 
 def test_rel_argument_errors_are_one_line(capsys):
     import bench
@@ -2768,20 +2861,6 @@ def test_rel_collection_epochs_cannot_exceed_epochs():
     config = train.parse_args(["--preset", "tiny", "--epochs", "4", "--collection_epochs", "6"])[0]
     with pytest.raises(agent_lib.ConfigError, match="collection_epochs = 6 is more than epochs = 4"):
         agent_lib.validate_config(config)
-
-
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
-def test_rel_checkpoints_and_replay_files_follow_the_umask(tmp_path, umask, mode):
-    from replay import atomic_save
-
-    old = os.umask(umask)
-    try:
-        atomic_save({"epoch": 1}, tmp_path / "checkpoint.pt")
-        _filled_buffer([5]).save(tmp_path / "replay")
-    finally:
-        os.umask(old)
-    files = [tmp_path / "checkpoint.pt", *(tmp_path / "replay").iterdir()]
-    assert [f.stat().st_mode & 0o777 for f in files] == [mode] * 2
 
 
 def test_rel_progress_bars_stay_out_of_logs(capfd):
