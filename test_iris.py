@@ -2866,3 +2866,11 @@ def test_rel_collection_epochs_cannot_exceed_epochs():
 def test_rel_progress_bars_stay_out_of_logs(capfd):
     run_episodes(CATCH_ID, lambda obs, first: np.zeros(len(obs), dtype=np.int64), 2, num_envs=1, seed=0)
     assert "\r" not in capfd.readouterr().err  # stderr is a file here, as in `python train.py 2> log`
+
+
+def test_rel_the_paper_config_on_a_cpu_warns_of_its_length():
+    paper = agent_lib.IRISConfig()
+    # 595, 575, 550 epochs of 200 steps at 70, 25, 174 s per step: 30.3M s.
+    assert "about 351 days" in train.cpu_time_warning(paper, torch.device("cpu"))
+    assert train.cpu_time_warning(paper, torch.device("cuda")) is None
+    assert train.cpu_time_warning(train.parse_args(["--preset", "tiny"])[0], torch.device("cpu")) is None
