@@ -2825,7 +2825,7 @@ def test_rel_an_edited_config_json_is_rewritten_from_the_checkpoint(rel_finished
     assert json.loads((run_dir / "config.json").read_text()) == config
 
 
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask 022", "umask 027"])
 def test_rel_checkpoints_and_replay_files_follow_the_umask(tmp_path, umask, mode):
     from replay import atomic_save
 
