@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 import train
-from agent import COMPONENTS, Agent, IRISConfig, pick_device, set_field, set_seed, setup_process
+from agent import COMPONENTS, Agent, CLIParser, IRISConfig, pick_device, set_field, set_seed, setup_process
 from actor_critic import imagine
 from env import make_env
 from replay import ReplayBuffer
@@ -251,7 +251,7 @@ def device_name(device: torch.device) -> str:
 
 
 def parse_bench_args(argv: list[str] | None = None) -> tuple[IRISConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
+    parser = CLIParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,

@@ -268,7 +268,10 @@ def run_episodes(
     running_return = np.zeros(num_envs, dtype=np.float64)
     returns: list[float] = []
     envs = make_vector_env(game, num_envs, train=train, seed=seed, config=config)
-    bar = tqdm(total=num_episodes, desc=f"{canonical_game(game)} episodes", disable=not progress, leave=False)
+    # disable=None: no bar when stderr is not a terminal, so that a log file gets no \r-updated lines
+    bar = tqdm(
+        total=num_episodes, desc=f"{canonical_game(game)} episodes", disable=None if progress else True, leave=False
+    )
     try:
         obs, _ = envs.reset()
         first = np.ones(num_envs, dtype=bool)

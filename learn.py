@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agent import CLIParser
 from env import make_env, run_episodes
 from replay import ReplayBuffer, atomic_save
 from tokenizer import Tokenizer, TokenizerConfig
@@ -508,7 +509,7 @@ def learning_curve(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CLIParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=sorted(STAGES), help="stage 1, 2 (needs stage 1's outputs) or 3 (curve)")
     parser.add_argument("--game", default=GAME)
     parser.add_argument("--out", default="runs/learn", help="data, checkpoints, pictures and metrics")

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 
-from agent import Agent, check_checkpoint, load_checkpoint, pick_device, setup_process, write_video
+from agent import Agent, CLIParser, check_checkpoint, load_checkpoint, pick_device, setup_process, write_video
 from env import NOOP, make_env
 from replay import ReplayBuffer
 from world_model import WorldModelEnv
@@ -398,7 +398,7 @@ def make_player(agent: Agent, mode: str, run_dir: Path, seed: int, temperature: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CLIParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR", help="a run directory with checkpoint.pt")
     parser.add_argument("--authors_checkpoint", type=Path, metavar="GAME.pt", help="one of the authors' agents")
     parser.add_argument("--game", help="with --authors_checkpoint: its game (default: the file's name)")

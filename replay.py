@@ -11,6 +11,7 @@ sampling is a single gather (100k steps of 3x64x64 frames are 1.2 GB).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -25,19 +26,43 @@ FIELDS = ("observations", "actions", "rewards", "ends")  # x_t, a_t, r_t, d_t
 DTYPES = {"observations": torch.uint8, "actions": torch.int64, "rewards": torch.float32, "ends": torch.bool}
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a kill leaves the old file or the new."""
+def atomic_save(obj: Any, path: str | Path, previous: str | Path | None = None) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a kill leaves the old file or the new.
+
+    previous: the old file at path is kept there (a hard link made just before the rename), so that path is never
+    absent and the file before it survives a corrupt new one.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the run from the user's group
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.is_file():
+            keep_previous(path, Path(previous))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def keep_previous(path: Path, previous: Path) -> None:
+    """previous becomes the file now at path, atomically (a kill leaves the old previous or the new one)."""
+    tmp = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)  # no copy: atomic_save replaces path by a new file, never writes into it
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, previous)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _crc32(tensor: torch.Tensor) -> int:

@@ -1894,7 +1894,7 @@ def test_train_resume_refuses_missing_or_corrupt_checkpoint(tmp_path):
     message = run_main(train.main, "--resume", str(tmp_path))
     assert "corrupt" in message and str(tmp_path / "checkpoint.pt") in message
     with pytest.raises(SystemExit):
-        train.parse_args(["--resume", str(tmp_path), "--epochs", "3"])  # a resumed run keeps its config
+        train.parse_args(["--resume", str(tmp_path), "--seed", "3"])  # a resumed run keeps its config
 
 
 def test_train_collection_burns_in_its_lstm_state_after_an_evaluation(tmp_path):
@@ -2503,7 +2503,7 @@ INVALID_SETTINGS = [  # (field, a value out of its range) for every leaf field o
     ("env_steps_per_epoch", 0),
     ("training_steps_per_epoch", 0),
     ("collect_epsilon", 5.0),
-    ("collect_temperature", 0.0),
+    ("collect_temperature", -0.5),
     ("eval_temperature", -1.0),
     ("start_tokenizer_after_epochs", -1),
     ("start_world_model_after_epochs", -1),
@@ -2728,7 +2728,7 @@ def test_train_learns_to_catch_the_ball(tmp_path, one_thread):
         f"last epoch {train.summary_line(run.history[-1])}"
     )
     assert random_return == pytest.approx(-0.5)  # every start and action sequence of CatchBall, counted
-    assert mean_return > 0.5  # seed 0 scored 0.72 greedily (64 episodes) in the run the README reports
+    assert mean_return > 0.5  # seed 0: 0.70 over the 200 greedy episodes (README "Does it learn?")
 
 
 # --- sweeps (issue 17) and aggregate sources ---
@@ -2985,3 +2985,144 @@ def test_sweep_slurm_submission_script_carries_the_options(tmp_path, monkeypatch
     assert isinstance(task, sweep.SweepJob) and task.concurrent == 2
     assert [run["name"] for run in task.runs] == ["Pong-s2", "Breakout-s0"]
     assert re.search(r"Breakout-s2 +pending +0/2  - +4242_2", _sweep_main("--status", str(sweep_dir)))
+
+
+# --- reliability (issue 15) -----------------------------------------------------------------------------------------
+
+# Two tiny epochs of 20 steps and 2 training steps each: the smallest run with a checkpoint before the last one.
+REL_RUN = [
+    "--game",
+    "Pong",
+    *TINY_FLAGS,
+    "--epochs",
+    "2",
+    "--env_steps_per_epoch",
+    "20",
+    "--training_steps_per_epoch",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def rel_finished_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("rel") / "run"
+    proc = run_script("train.py", *REL_RUN, "--out", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _rel_copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def _rel_epoch(path: Path) -> int:
+    return torch.load(path, weights_only=False)["epoch"]
+
+
+def test_rel_a_corrupt_checkpoint_resumes_from_the_previous_epoch(rel_finished_run, tmp_path):
+    run_dir = _rel_copy(rel_finished_run, tmp_path)
+    assert (_rel_epoch(run_dir / "checkpoint.pt"), _rel_epoch(run_dir / "checkpoint.prev.pt")) == (2, 1)
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a truncated write
+    proc = run_script("train.py", "--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint.pt is unreadable (" in proc.stdout
+    assert "resuming from checkpoint.prev.pt, epoch 1 (20 env steps)" in proc.stdout
+    rows = _train_metrics(run_dir)
+    assert [(int(r["epoch"]), int(r["env_steps"])) for r in rows] == [(1, 20), (2, 40)]  # epoch 2 done again
+    assert len(ReplayBuffer.load(run_dir / "replay")) == 40  # cut back to 20 steps, then epoch 2's 20 again
+    assert (_rel_epoch(run_dir / "checkpoint.pt"), _rel_epoch(run_dir / "checkpoint.prev.pt")) == (2, 1)
+    assert (run_dir / "checkpoint.corrupt.pt").read_bytes() == data[: len(data) // 2]
+
+
+def test_rel_resuming_a_complete_run_does_nothing(rel_finished_run, tmp_path):
+    run_dir = _rel_copy(rel_finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    proc = run_script("train.py", "--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{run_dir}: the run is complete (2 epochs, final_eval.json written); nothing to do" in proc.stdout
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_rel_resume_with_more_epochs_extends_a_finished_run(rel_finished_run, tmp_path, capsys):
+    run_dir = _rel_copy(rel_finished_run, tmp_path)
+    for flags in (["--seed", "3"], ["--preset", "tiny", "--learning_rate", "0.1"]):  # only the schedule may change
+        with pytest.raises(SystemExit):
+            train.parse_args(["--resume", str(run_dir), "--epochs", "3", *flags])
+        assert "drop " + ", ".join(sorted(f for f in flags if f.startswith("--"))) in capsys.readouterr().err
+    proc = run_script("train.py", "--resume", str(run_dir), "--epochs", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extended the run: epochs 2 -> 3" in proc.stdout
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 3
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["config"]["epochs"]) == (3, 3)
+    assert [int(r["epoch"]) for r in _train_metrics(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / "final_eval.json").read_text())["epoch"] == 3
+    assert json.loads((run_dir / "final_eval_epoch0002.json").read_text())["env_steps"] == 40  # the old end's
+    with pytest.raises(agent_lib.ConfigError, match="has done 3 epochs: --epochs 1 cannot undo them"):
+        train.resume_run(run_dir, {"epochs": 1})
+
+
+def test_rel_an_edited_config_json_is_rewritten_from_the_checkpoint(rel_finished_run, tmp_path):
+    run_dir = _rel_copy(rel_finished_run, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
+    proc = run_script("train.py", "--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: config.json differs from checkpoint.pt's config (learning_rate 0.5 instead of 0.001)" in (
+        proc.stderr
+    )
+    assert json.loads((run_dir / "config.json").read_text()) == config
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask 022", "umask 027"])
+def test_rel_checkpoints_and_replay_files_follow_the_umask(tmp_path, umask, mode):
+    from replay import atomic_save
+
+    old = os.umask(umask)
+    try:
+        atomic_save({"epoch": 1}, tmp_path / "checkpoint.pt")
+        atomic_save({"epoch": 2}, tmp_path / "checkpoint.pt", previous=tmp_path / "checkpoint.prev.pt")
+        _filled_buffer([5]).save(tmp_path / "replay")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt", *(tmp_path / "replay").iterdir()]
+    assert [f.stat().st_mode & 0o777 for f in files] == [mode] * 3
+    assert _rel_epoch(tmp_path / "checkpoint.prev.pt") == 1
+
+
+def test_rel_argument_errors_are_one_line(capsys):
+    import bench
+    import learn
+
+    proc = run_script("train.py", "--epochs", "many")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("train.py: error: argument --epochs: ") and proc.stderr.endswith(" (see --help)\n")
+    for parse in (play.parse_args, learn.parse_args, bench.parse_bench_args):
+        with pytest.raises(SystemExit):
+            parse(["--bogus"])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ": error: " in err and err.endswith(" (see --help)\n"), err
+
+
+def test_rel_collection_epochs_cannot_exceed_epochs():
+    config = train.parse_args(["--preset", "tiny", "--epochs", "4"])[0]
+    assert config.collection_epochs == 4  # --epochs alone shortens the collection with it
+    config = train.parse_args(["--preset", "tiny", "--epochs", "4", "--collection_epochs", "6"])[0]
+    with pytest.raises(agent_lib.ConfigError, match="collection_epochs = 6 is more than epochs = 4"):
+        agent_lib.validate_config(config)
+
+
+def test_rel_progress_bars_stay_out_of_logs(capfd):
+    run_episodes(CATCH_ID, lambda obs, first: np.zeros(len(obs), dtype=np.int64), 2, num_envs=1, seed=0)
+    assert "\r" not in capfd.readouterr().err  # stderr is a file here, as in `python train.py 2> log`
+
+
+def test_rel_the_paper_config_on_a_cpu_warns_of_its_length():
+    paper = agent_lib.IRISConfig()
+    # 595, 575, 550 epochs of 200 steps at 70, 25, 174 s per step: 30.3M s.
+    assert "about 351 days" in train.cpu_time_warning(paper, torch.device("cpu"))
+    assert train.cpu_time_warning(paper, torch.device("cuda")) is None
+    assert train.cpu_time_warning(train.parse_args(["--preset", "tiny"])[0], torch.device("cpu")) is None

@@ -35,11 +35,16 @@ from actor_critic import actor_critic_loss, imagine
 from agent import (
     COMPONENTS,
     Agent,
+    CheckpointError,
+    CLIParser,
+    ConfigError,
     IRISConfig,
     add_config_flags,
+    apply_overrides,
     config_from_args,
     config_overrides,
     config_from_dict,
+    differing_keys,
     load_checkpoint,
     pick_device,
     rng_states,
@@ -50,9 +55,13 @@ from agent import (
     write_video,
 )
 from env import canonical_game, make_env, run_episodes
-from replay import ReplayBuffer
+from replay import ReplayBuffer, atomic_save
 from world_model import WorldModelEnv
 
+# Seconds of one training step of each component at the paper config (batches 256, 64, 64) on a 2-core Xeon CPU,
+# `python bench.py --repeats 1 --warmup 0` (README, Speed): a rough yardstick, not a measurement of this machine.
+CPU_SECONDS_PER_STEP = {"tokenizer": 70.0, "world_model": 25.0, "actor_critic": 174.0}
+CPU_WARNING_DAYS = 1.0  # warn when the training steps of a CPU run are projected to take longer than this
 EVAL_SEED_OFFSET = 10_000  # test envs draw other no-op starts than the training env's seeds
 MEDIA_FRAMES = 8  # real frames (and their reconstructions) in each PNG
 MEDIA_BORDER = 2  # pixels of the Figure 4-style colour frame around each imagined frame
@@ -105,17 +114,17 @@ def training_loop(run: Run) -> None:
             save_run(run)
             print(summary_line(metrics), flush=True)
     final = evaluate_agent(run, cfg.final_eval_episodes)
-    with deferred_signals(), open(run.run_dir / "final_eval.json", "w") as f:
-        json.dump(
+    with deferred_signals():
+        write_json(
+            run.run_dir / FINAL_EVAL,
             {
                 "game": cfg.game,
+                "epoch": run.epoch,
                 "episodes": cfg.final_eval_episodes,
                 "env_steps": len(run.replay),
                 "mean_return": final["eval/return"],
                 "returns": final["eval/returns"],
             },
-            f,
-            indent=2,
         )
     print(f"final evaluation over {cfg.final_eval_episodes} episodes: mean return {final['eval/return']:.2f}")
 
@@ -357,6 +366,11 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 LOCK_FILE = ".lock"  # flock-ed by the process writing the run, which writes its PID in it
+CHECKPOINT = "checkpoint.pt"  # the last complete epoch
+PREVIOUS = "checkpoint.prev.pt"  # the epoch before it: resume falls back to it when CHECKPOINT is unreadable
+CORRUPT = "checkpoint.corrupt.pt"  # an unreadable CHECKPOINT, kept aside for inspection after a fallback
+FINAL_EVAL = "final_eval.json"  # written at the end of the last epoch: the run is complete
+SCHEDULE_FIELDS = ("epochs", "collection_epochs")  # the fields --resume may change: a finished run goes on
 STOP: dict[str, Any] = {"signal": None, "deferred": False, "pid": None}  # SIGINT/SIGTERM received, a save under way
 
 
@@ -402,8 +416,15 @@ def save_run(run: Run) -> None:
         "rng": rng_states(),
         "optimizers": {name: opt.state_dict() for name, opt in run.optimizers.items()},
     }
-    run.agent.save(run.run_dir / "checkpoint.pt", **extra)
+    atomic_save(run.agent.checkpoint_dict(**extra), run.run_dir / CHECKPOINT, previous=run.run_dir / PREVIOUS)
     write_metrics_csv(run.history, run.run_dir / "metrics.csv")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write to a temporary file, then rename: a kill leaves the old file or the new, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
@@ -459,34 +480,38 @@ def new_run(config: IRISConfig, overwrite: bool = False) -> Run:
     agent = Agent(config, int(env.action_space.n), pick_device(config.device))
     if config.tokenizer.perceptual_weight > 0:
         agent.tokenizer.perceptual_net()  # fail now, not at epoch 6, if VGG16's weights cannot be had
-    with open(run_dir / "config.json", "w") as f:
-        json.dump(asdict(config), f, indent=2)
+    write_json(run_dir / "config.json", asdict(config))
     run = Run(config, agent, make_optimizers(agent, config), ReplayBuffer(device=agent.device), run_dir, env=env)
     run.obs, _ = env.reset(seed=config.seed)
     return run
 
 
-def resume_run(run_dir: Path, device: str | None) -> Run:
-    """Continue from the last complete epoch: same config, dataset, weights, optimiser and RNG states."""
-    path = run_dir / "checkpoint.pt"
-    if not path.is_file():
+def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run | None:
+    """Continue from the last complete epoch: same config, dataset, weights, optimiser and RNG states. None when the
+    run is complete. overrides: device (this process only) and SCHEDULE_FIELDS (recorded in the run at once)."""
+    overrides = overrides or {}
+    if not (run_dir / CHECKPOINT).is_file() and not (run_dir / PREVIOUS).is_file():
         raise FileNotFoundError(
-            f"nothing to resume in {run_dir}: it holds no checkpoint.pt (train.py writes one at the end of every epoch)"
+            f"nothing to resume in {run_dir}: it holds no {CHECKPOINT} (train.py writes one at the end of every epoch)"
         )
     open_run_dir(run_dir, fresh=False)
-    checkpoint = load_checkpoint(path)
-    config = config_from_dict(checkpoint["config"])
-    if device:
-        config.device = device
-    validate_config(config)
-    agent = Agent.from_checkpoint(checkpoint, pick_device(config.device))
-    # A kill between saving the dataset and the checkpoint leaves steps the checkpoint never saw: not read.
+    checkpoint = read_checkpoint(run_dir)
+    config = extend_run(run_dir, checkpoint, {k: v for k, v in overrides.items() if k in SCHEDULE_FIELDS})
+    if checkpoint["epoch"] >= config.epochs and (run_dir / FINAL_EVAL).is_file():
+        print(
+            f"{run_dir}: the run is complete ({config.epochs} epochs, {FINAL_EVAL} written); nothing to do "
+            f"(to go on: python train.py --resume {run_dir} --epochs N)"
+        )
+        return None
+    agent = Agent.from_checkpoint(checkpoint, pick_device(overrides.get("device", config.device)))
+    # A kill between saving the dataset and the checkpoint, or a fallback to PREVIOUS, leaves steps the checkpoint
+    # never saw: not read, and overwritten by the next save.
     replay = ReplayBuffer.load(run_dir / "replay", device=agent.device, num_steps=checkpoint["env_steps"])
     replay.close_episode()  # the emulator's state is not saved: collection restarts with a new game
     run = Run(
-        config,
+        agent.config,
         agent,
-        make_optimizers(agent, config),
+        make_optimizers(agent, agent.config),
         replay,
         run_dir,
         epoch=checkpoint["epoch"],
@@ -500,26 +525,133 @@ def resume_run(run_dir: Path, device: str | None) -> Run:
     return run
 
 
+def read_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """CHECKPOINT, or PREVIOUS when CHECKPOINT is missing or unreadable (one line says so; the bad file is kept
+    aside as CORRUPT, so that the next save does not make it the fallback)."""
+    path, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
+    try:
+        return load_checkpoint(path)
+    except (CheckpointError, FileNotFoundError) as error:
+        if not previous.is_file():
+            raise
+        reason = "missing" if isinstance(error, FileNotFoundError) else str(error.__cause__ or error).splitlines()[0]
+    try:
+        checkpoint = load_checkpoint(previous)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path} ({reason}) and {previous} are both unreadable ({error.__cause__ or error})")
+    kept = ""
+    if path.is_file():
+        os.replace(path, run_dir / CORRUPT)
+        kept = f"; the bad file is kept as {CORRUPT}"
+    print(
+        f"{CHECKPOINT} is unreadable ({reason}): resuming from {PREVIOUS}, epoch {checkpoint['epoch']} "
+        f"({checkpoint['env_steps']} env steps){kept}",
+        flush=True,
+    )
+    return checkpoint
+
+
+def extend_run(run_dir: Path, checkpoint: dict[str, Any], schedule: dict[str, Any]) -> IRISConfig:
+    """The run's config: the checkpoint's, with the new schedule fields if any (written into the checkpoint and
+    config.json before anything trains). An edited config.json is rewritten from the checkpoint, with a warning."""
+    before = checkpoint["config"]
+    config = config_from_dict(before)
+    apply_overrides(config, schedule)
+    validate_config(config)
+    if config.epochs < checkpoint["epoch"]:
+        raise ConfigError(f"the run has done {checkpoint['epoch']} epochs: --epochs {config.epochs} cannot undo them")
+    edited = config_json_edits(run_dir / "config.json", before)
+    changed = differing_keys(asdict(config), before)
+    if changed:
+        if (run_dir / FINAL_EVAL).is_file():  # the old end's evaluation, kept under its epoch's name
+            os.replace(run_dir / FINAL_EVAL, run_dir / f"final_eval_epoch{checkpoint['epoch']:04d}.json")
+        checkpoint["config"] = asdict(config)
+        with deferred_signals():  # no rotation: PREVIOUS stays the epoch before
+            atomic_save(checkpoint, run_dir / CHECKPOINT)
+        print("extended the run: " + ", ".join(f"{k} {before[k]} -> {getattr(config, k)}" for k in changed))
+    if edited:
+        print(
+            f"warning: config.json differs from {CHECKPOINT}'s config ({edited}); the checkpoint's config is the "
+            "run's: config.json is rewritten from it (--resume DIR --epochs N changes the schedule)",
+            file=sys.stderr,
+        )
+    if edited or changed:
+        write_json(run_dir / "config.json", asdict(config))
+    return config
+
+
+def config_json_edits(path: Path, config: dict[str, Any]) -> str:
+    """How config.json differs from the config dict: '' when it does not."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return f"unreadable: {error}"
+    if not isinstance(recorded, dict):
+        return "not a JSON object"
+    differing = differing_keys(recorded, config)
+    return ", ".join(f"{key} {flat_item(recorded, key)!r} instead of {flat_item(config, key)!r}" for key in differing)
+
+
+def flat_item(values: dict[str, Any], name: str) -> Any:
+    for part in name.split("."):
+        values = values[part]
+    return values
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line: one flag per config field (nested ones as --tokenizer.vocab_size), presets, resume
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
+    parser = CLIParser(
         usage="%(prog)s [--resume RUN_DIR] [--overwrite] [--preset NAME] [--FIELD VALUE ...]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint.pt")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its checkpoint.pt (--epochs N: a longer run)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="delete the files of the run at --out, start afresh")
     add_config_flags(parser)
     args = parser.parse_args(argv)
     if args.resume:
-        unknown = set(config_overrides(args)) - {"device"} | ({"overwrite"} if args.overwrite else set())
+        unknown = set(config_overrides(args)) - {"device", *SCHEDULE_FIELDS}
+        unknown |= {name for name in ("overwrite", "preset") if getattr(args, name) not in (False, "paper")}
         if unknown:
-            parser.error(f"--resume continues a run with its stored config; drop {', '.join(sorted(unknown))}")
+            parser.error(
+                f"--resume continues a run with its stored config, changing only --device, --epochs and "
+                f"--collection_epochs; drop {', '.join('--' + name for name in sorted(unknown))}"
+            )
         return None, args
     return config_from_args(args), args
+
+
+def cpu_time_warning(config: IRISConfig, device: torch.device, done_epochs: int = 0) -> str | None:
+    """A warning when the epochs left would train paper-size components on a CPU for more than CPU_WARNING_DAYS,
+    projected from CPU_SECONDS_PER_STEP and this config's steps and batch sizes; None otherwise. Components of
+    another size are left out of the sum (no measurement to scale), so the figure is a lower bound."""
+    if device.type != "cpu":
+        return None
+    paper, seconds = IRISConfig(), 0.0
+    starts = {
+        "tokenizer": config.start_tokenizer_after_epochs,
+        "world_model": config.start_world_model_after_epochs,
+        "actor_critic": config.start_actor_critic_after_epochs,
+    }
+    for name, start in starts.items():
+        if getattr(config, name) != getattr(paper, name):
+            continue
+        steps = max(0, config.epochs - max(start, done_epochs)) * config.training_steps_per_epoch
+        batch = getattr(config, f"{name}_batch_size") / getattr(paper, f"{name}_batch_size")
+        seconds += steps * batch * CPU_SECONDS_PER_STEP[name]
+    days = seconds / 86_400
+    if days <= CPU_WARNING_DAYS:
+        return None
+    return (
+        f"warning: this config on a CPU: about {days:,.0f} days of training steps (a step of each paper-size "
+        f"component took {', '.join(f'{s:.0f}' for s in CPU_SECONDS_PER_STEP.values())} s on a 2-core Xeon, "
+        "README Speed); the paper reports 3.5 days per game on an A100. Going on; --preset tiny or small fit a CPU"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -532,10 +664,15 @@ def main(argv: list[str] | None = None) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, on_signal)
         if args.resume:
-            run = resume_run(Path(args.resume), getattr(args, "device", None))
+            run = resume_run(Path(args.resume), config_overrides(args))
+            if run is None:
+                return
         else:
             run = new_run(config, overwrite=args.overwrite)
         setup_process(run.config, run.agent.device)
+        warning = cpu_time_warning(run.config, run.agent.device, run.epoch)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         print(
             f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
             + " | ".join(
