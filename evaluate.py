@@ -591,6 +591,9 @@ def evaluate_checkpoint(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = EvalConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # One line, as agent.CLIParser's errors: agent.py is not imported here, because it brings torch (seconds of
+    # start-up) and --aggregate needs numpy only.
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
     parser.add_argument("paths", nargs="*", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
     parser.add_argument(
         "--authors_checkpoint",

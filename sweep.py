@@ -544,9 +544,9 @@ def print_plan(
 def parse_args(argv: list[str] | None = None) -> tuple[SweepConfig, Any, argparse.Namespace]:
     """(SweepConfig, the runs' IRISConfig from train.py's flags, the sweep's own flags)."""
     import train
-    from agent import config_overrides
+    from agent import CLIParser, config_overrides
 
-    parser = argparse.ArgumentParser(
+    parser = CLIParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # --seed is train.py's, not an abbreviation of --seeds

@@ -3100,7 +3100,7 @@ def test_rel_argument_errors_are_one_line(capsys):
     proc = run_script("train.py", "--epochs", "many")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("train.py: error: argument --epochs: ") and proc.stderr.endswith(" (see --help)\n")
-    for parse in (play.parse_args, learn.parse_args, bench.parse_bench_args):
+    for parse in (play.parse_args, learn.parse_args, bench.parse_bench_args, evaluate.parse_args, sweep.parse_args):
         with pytest.raises(SystemExit):
             parse(["--bogus"])
         err = capsys.readouterr().err
