@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from agent import CLIParser
-from env import make_env, run_episodes
+from env import EnvConfig, make_env, run_episodes
 from replay import ReplayBuffer, atomic_save
 from tokenizer import Tokenizer, TokenizerConfig
+from train import FINAL_EVAL
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv
 
 GAME = "Pong"
@@ -438,27 +439,32 @@ def mean_ci(returns: list[float]) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def random_returns(game: str, episodes: int, seed: int, out: Path) -> list[float]:
-    """Returns of a uniformly random policy under the test protocol (env.py, train=False); cached in out."""
-    path = out / f"random_{game.replace('/', '_').replace(':', '_')}_{episodes}.json"
+def random_returns(game: str, env_config: EnvConfig, episodes: int, seed: int, out: Path) -> list[float]:
+    """Returns of a uniformly random policy under a run's test protocol (env.py, train=False); cached in out."""
+    name = f"random_{game.replace('/', '_').replace(':', '_')}_{episodes}_{env_config.max_test_frames}.json"
+    path = out / name
     if path.is_file():
         return json.loads(path.read_text())["returns"]
-    env = make_env(game, train=False, seed=seed)
-    rng = np.random.default_rng(seed)
-    n = env.action_space.n
+    env = make_env(game, train=False, seed=seed, config=env_config)
+    num_actions = env.action_space.n
     env.close()
-    returns = run_episodes(game, lambda obs, first: rng.integers(n, size=len(obs)), episodes, seed=seed)
+    rng = np.random.default_rng(seed)
+
+    def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:  # uniformly random actions
+        return rng.integers(num_actions, size=len(obs))
+
+    returns = run_episodes(game, policy, episodes, seed=seed, train=False, config=env_config)
     path.write_text(json.dumps({"game": game, "episodes": episodes, "returns": returns}))
     return returns
 
 
-def run_evaluations(run_dir: Path) -> tuple[str, list[tuple[int, list[float]]], list[float] | None]:
-    """A train.py run's game, its evaluations during training (env steps, returns), and its final evaluation."""
+def run_evaluations(run_dir: Path) -> tuple[str, EnvConfig, list[tuple[int, list[float]]], dict | None]:
+    """A train.py run's game, env config, evaluations during training (env steps, returns) and final evaluation."""
     checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     points = [(int(row["env_steps"]), row["eval/returns"]) for row in checkpoint["history"] if "eval/returns" in row]
-    final_path = run_dir / "final_eval.json"
-    final = json.loads(final_path.read_text())["returns"] if final_path.is_file() else None
-    return checkpoint["game"], points, final
+    final_path = run_dir / FINAL_EVAL
+    final = json.loads(final_path.read_text()) if final_path.is_file() else None
+    return checkpoint["game"], EnvConfig(**checkpoint["config"]["env"]), points, final
 
 
 def learning_curve(args: argparse.Namespace) -> None:
@@ -471,32 +477,28 @@ def learning_curve(args: argparse.Namespace) -> None:
     if not args.runs:
         raise SystemExit("learn.py curve: give the run directories of train.py runs with --runs DIR [DIR ...]")
     fig, ax = plt.subplots(figsize=(7, 4))
-    games = set()
+    protocols = {}  # game -> the test env config of its runs, which the random policy plays too
     for run_dir in map(Path, args.runs):
-        game, points, final = run_evaluations(run_dir)
-        games.add(game)
-        if final is not None:
-            points = points[:-1] if points and points[-1][1] == final else points
+        game, env_config, points, final = run_evaluations(run_dir)
+        protocols[game] = env_config
         stats = [(steps, *mean_ci(returns), len(returns)) for steps, returns in points]
         for steps, mean, half, n in stats:
             print(f"{run_dir.name} | env steps {steps:>7} | return {mean:8.2f} ± {half:.2f} (95% CI, {n} episodes)")
-        ax.errorbar(
-            [s[0] for s in stats],
-            [s[1] for s in stats],
-            yerr=[s[2] for s in stats],
-            marker="o",
-            capsize=3,
-            label=f"{run_dir.name} (evaluations)",
-        )
+        if stats:
+            steps, means, halves, _ = zip(*stats)
+            ax.errorbar(steps, means, yerr=halves, marker="o", capsize=3, label=f"{run_dir.name} (evaluations)")
         if final is not None:
-            mean, half = mean_ci(final)
-            steps = stats[-1][0] if stats else 0
+            mean, half = mean_ci(final["returns"])
             print(
-                f"{run_dir.name} | final evaluation | return {mean:8.2f} ± {half:.2f} (95% CI, {len(final)} episodes)"
+                f"{run_dir.name} | final evaluation at env steps {final['env_steps']} | return {mean:8.2f} ± "
+                f"{half:.2f} (95% CI, {len(final['returns'])} episodes)"
             )
-            ax.errorbar([steps], [mean], yerr=[half], marker="s", color="black", capsize=4, label="final evaluation")
-    for game in sorted(games):
-        mean, half = mean_ci(random_returns(game, args.random_episodes, args.seed, Path(args.out)))
+            ax.errorbar(
+                [final["env_steps"]], [mean], yerr=[half], marker="s", capsize=4, label=f"{run_dir.name} (final)"
+            )
+    for game, env_config in sorted(protocols.items()):
+        returns = random_returns(game, env_config, args.random_episodes, args.seed, Path(args.out))
+        mean, half = mean_ci(returns)
         print(f"random policy | {game} | return {mean:8.2f} ± {half:.2f} (95% CI, {args.random_episodes} episodes)")
         ax.axhspan(mean - half, mean + half, color="grey", alpha=0.3, label=f"random policy, {game} (95% CI)")
     ax.set_xlabel("env steps")

@@ -1812,6 +1812,28 @@ def train_tiny_run(tmp_path_factory):
     return run_dir, proc
 
 
+def test_learn_curve_reads_a_runs_evaluations_and_plays_a_random_policy_under_its_protocol(
+    train_tiny_run, tmp_path, capsys
+):
+    """learn.py curve: each evaluation of the run (from its checkpoint's history) and its final one, at their env
+    steps, beside a random policy played under the run's own test protocol (its env config); a PNG."""
+    import learn
+
+    run_dir, _ = train_tiny_run
+    learn.main(["curve", "--runs", str(run_dir), "--out", str(tmp_path), "--random_episodes", "2"])
+    printed = capsys.readouterr().out
+    history = torch.load(run_dir / "checkpoint.pt", weights_only=False)["history"]
+    evaluation = next(row for row in history if "eval/returns" in row)  # epoch 5 of the tiny preset
+    assert f"run | env steps {int(evaluation['env_steps']):>7} | return {evaluation['eval/return']:8.2f}" in printed
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    assert f"run | final evaluation at env steps {final['env_steps']} | return {final['mean_return']:8.2f}" in printed
+    (cached,) = tmp_path.glob("random_Pong_2_400.json")  # the run's max_test_frames, 400, not the default 108,000
+    random_mean = np.mean(json.loads(cached.read_text())["returns"])
+    assert random_mean > -10  # 100 agent steps of Pong: a few points lost, not a whole game's 21
+    assert f"random policy | Pong | return {random_mean:8.2f}" in printed
+    assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     run_dir, proc = train_tiny_run
     for name in ["config.json", "metrics.csv", "checkpoint.pt", "final_eval.json"]:
