@@ -27,7 +27,7 @@ import torch
 from agent import CLIParser
 from env import EnvConfig, make_env, run_episodes
 from replay import ReplayBuffer, atomic_save
-from tokenizer import Tokenizer, TokenizerConfig
+from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig
 from train import FINAL_EVAL
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv
 
@@ -526,7 +526,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tok.add_argument("--restart_every", type=int, default=RESTART_EVERY, help="dead-code restarts; 0: none (paper)")
     for name in ("ch", "z_channels", "vocab_size", "embed_dim"):
         tok.add_argument(f"--{name}", type=int, default=TOKENIZER_SMALL[name])
-    tok.add_argument("--reconstruction_loss", choices=("l1", "l2"), default="l1", help="l1: Appendix A.1")
+    tok.add_argument("--reconstruction_loss", choices=RECONSTRUCTION_LOSSES, default="l1", help="l1: Appendix A.1")
     wm = parser.add_argument_group("stage 2: world model")
     wm.add_argument("--timesteps", type=int, default=WORLD_MODEL_SMALL["max_timesteps"], help="L, steps per segment")
     wm.add_argument("--num_layers", type=int, default=WORLD_MODEL_SMALL["num_layers"])

@@ -866,6 +866,11 @@ def catch_frames(count: int, rng: np.random.Generator, cell: int = 16) -> torch.
     return torch.as_tensor(np.stack(frames)).permute(0, 3, 1, 2)
 
 
+def test_tokenizer_refuses_an_unknown_reconstruction_loss():
+    with pytest.raises(ValueError, match="reconstruction_loss must be one of l1, l2, not 'l3'"):
+        Tokenizer(TokenizerConfig(reconstruction_loss="l3"))  # it would have trained with squared errors
+
+
 def test_tokenizer_l2_reconstruction_learns_a_small_object():
     """reconstruction_loss = "l2" draws the ball within 400 steps; with "l1" and no perceptual term, D keeps drawing
     the background (ball error 0.60 here; 0.62 at 64x64 after 300 steps, README "Does it learn?").

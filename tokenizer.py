@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+RECONSTRUCTION_LOSSES = ("l1", "l2")  # values of TokenizerConfig.reconstruction_loss
+
+
 @dataclass
 class TokenizerConfig:
     resolution: int = 64  # (h, w) = 64 x 64, Table 2
@@ -257,6 +260,10 @@ def missing_vgg_message() -> str:
 class Tokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig = TokenizerConfig()) -> None:
         super().__init__()
+        if config.reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(
+                f"reconstruction_loss must be one of {', '.join(RECONSTRUCTION_LOSSES)}, not {config.reconstruction_loss!r}"
+            )
         self.config = config
         self.encoder = build_encoder(config)
         self.pre_quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
