@@ -49,34 +49,13 @@ class EnvConfig:
 ENV_DEFAULTS = EnvConfig()
 
 # The 26 games of Atari 100k (Kaiser et al., 2020), Table 1.
+# fmt: off
 ATARI_100K_GAMES: tuple[str, ...] = (
-    "Alien",
-    "Amidar",
-    "Assault",
-    "Asterix",
-    "BankHeist",
-    "BattleZone",
-    "Boxing",
-    "Breakout",
-    "ChopperCommand",
-    "CrazyClimber",
-    "DemonAttack",
-    "Freeway",
-    "Frostbite",
-    "Gopher",
-    "Hero",
-    "Jamesbond",
-    "Kangaroo",
-    "Krull",
-    "KungFuMaster",
-    "MsPacman",
-    "Pong",
-    "PrivateEye",
-    "Qbert",
-    "RoadRunner",
-    "Seaquest",
-    "UpNDown",
+    "Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout", "ChopperCommand",
+    "CrazyClimber", "DemonAttack", "Freeway", "Frostbite", "Gopher", "Hero", "Jamesbond", "Kangaroo", "Krull",
+    "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert", "RoadRunner", "Seaquest", "UpNDown",
 )
+# fmt: on
 
 NOOP = 0  # ALE's action 0 is NOOP in every minimal action set
 ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"

@@ -50,6 +50,10 @@ import submitit
 
 REPO = Path(__file__).resolve().parent
 SWEEP_FILE = "sweep.json"  # evaluate.py reads its "runs" too
+# train.py's file names (train.FINAL_EVAL, train.LOCK_FILE), written here rather than imported: a job and --status
+# would otherwise import torch for two strings.
+FINAL_EVAL = "final_eval.json"  # a finished run
+LOCK_FILE = ".lock"  # flock-ed by a run's train.py for its whole life
 STATES = ("pending", "running", "done", "failed")
 HEARTBEAT_SECONDS = 30.0  # a job touches logs/<run>.alive this often while the run's train.py lives
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS  # an older .alive: its job is gone (killed, node lost)
@@ -277,11 +281,11 @@ def slot_device(slot: int, runs_per_gpu: int) -> str | None:
 
 def skip_reason(run_dir: Path) -> str:
     """Why a run is not to be started: finished, or its train.py alive elsewhere (it holds RUN_DIR/.lock)."""
-    if (run_dir / "final_eval.json").is_file():
+    if (run_dir / FINAL_EVAL).is_file():
         return "done"
-    if not (run_dir / ".lock").is_file():  # train.LOCK_FILE, flock-ed by train.py for its whole life
+    if not (run_dir / LOCK_FILE).is_file():
         return ""
-    descriptor = os.open(run_dir / ".lock", os.O_RDONLY)
+    descriptor = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -294,7 +298,7 @@ def skip_reason(run_dir: Path) -> str:
 def finish(run: dict, code: int, logs: Path) -> str:
     """The outcome of a run's train.py by its exit code; a failure is recorded in logs/<run>.failed."""
     (logs / f"{run['name']}.alive").unlink(missing_ok=True)
-    if code == 0 and (Path(run["dir"]) / "final_eval.json").is_file():
+    if code == 0 and (Path(run["dir"]) / FINAL_EVAL).is_file():
         return "done"
     if code in STOP_EXIT_CODES:
         return "stopped"
@@ -351,8 +355,8 @@ def run_status(sweep_dir: Path, run: dict, epochs: int) -> dict[str, Any]:
     last = f"{float(evaluated[-1]['eval/return']):.2f} (epoch {evaluated[-1]['epoch']})" if evaluated else "-"
     alive, failed = logs / f"{run['name']}.alive", logs / f"{run['name']}.failed"
     status = {"state": "pending", "epoch": int(rows[-1]["epoch"]) if rows else 0, "epochs": epochs, "note": ""}
-    if (run_dir / "final_eval.json").is_file():
-        final = json.loads((run_dir / "final_eval.json").read_text())
+    if (run_dir / FINAL_EVAL).is_file():
+        final = json.loads((run_dir / FINAL_EVAL).read_text())
         status["state"] = "done"
         last = f"{final['mean_return']:.2f} (final, {final.get('episodes', '?')} episodes)"
     elif alive.is_file() and time.time() - alive.stat().st_mtime < STALE_SECONDS:

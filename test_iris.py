@@ -3014,6 +3014,10 @@ def test_sweep_slurm_submission_script_carries_the_options(tmp_path, monkeypatch
     assert re.search(r"Breakout-s2 +pending +0/2  - +4242_2", _sweep_main("--status", str(sweep_dir)))
 
 
+def test_sweep_reads_the_file_names_train_writes():
+    assert (sweep.FINAL_EVAL, sweep.LOCK_FILE) == (train.FINAL_EVAL, train.LOCK_FILE)
+
+
 # --- reliability (issue 15) -----------------------------------------------------------------------------------------
 
 # Two tiny epochs of 20 steps and 2 training steps each: the smallest run with a checkpoint before the last one.
