@@ -16,7 +16,7 @@ import torch.nn as nn
 from tokenizer import Tokenizer
 from world_model import WorldModelEnv, sample
 
-FRAME_SHAPE = (3, 64, 64)  # (C, h, w): the 64x64x3 frames of Appendix A (Table 2)
+FRAME_SIZE = 64  # h = w of the 64x64x3 frames of Appendix A (Table 2); env.frame_size sets it
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, lstm_dim)
 BOOTSTRAPS = ("paper", "reference")  # values of ActorCriticConfig.bootstrap
@@ -39,18 +39,19 @@ class ActorCriticConfig:
 class ActorCritic(nn.Module):
     """π(a_t | x̂_≤t) and V(x̂_t): conv block -> LSTM cell -> two linear heads (Appendix A.3)."""
 
-    def __init__(self, config: ActorCriticConfig, num_actions: int) -> None:
+    def __init__(self, config: ActorCriticConfig, num_actions: int, frame_size: int = FRAME_SIZE) -> None:
         super().__init__()
         self.config = config
         self.num_actions = num_actions
+        self.frame_shape = (3, frame_size, frame_size)  # (C, h, w)
         layers: list[nn.Module] = []
-        in_channels = FRAME_SHAPE[0]
+        in_channels = 3
         for channels in config.conv_channels:
             # Appendix A.3: 3x3 conv (stride 1, padding 1), ReLU, 2x2 max-pool (stride 2); each halves h and w.
             layers += [nn.Conv2d(in_channels, channels, 3, stride=1, padding=1), nn.ReLU(), nn.MaxPool2d(2, stride=2)]
             in_channels = channels
         self.encoder = nn.Sequential(*layers, nn.Flatten())
-        side = FRAME_SHAPE[1] // 2 ** len(config.conv_channels)  # 64 -> 4 with four poolings
+        side = frame_size // 2 ** len(config.conv_channels)  # 64 -> 4 with four poolings
         self.lstm = nn.LSTMCell(in_channels * side * side, config.lstm_dim)  # 1024 -> 512 with the paper's config
         self.actor_head = nn.Linear(config.lstm_dim, num_actions)  # logits of π
         self.critic_head = nn.Linear(config.lstm_dim, 1)  # V
@@ -80,7 +81,7 @@ class ActorCritic(nn.Module):
         self, frames: torch.Tensor, state: State, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """One step on x̂_t (B, 3, 64, 64) in [0, 1] -> logits (B, A), values V(x̂_t) (B,), new state."""
-        assert frames.shape[1:] == FRAME_SHAPE, frames.shape
+        assert frames.shape[1:] == self.frame_shape, frames.shape
         h, c = self._recur(self._features(frames), state, mask)
         return self.actor_head(h), self.critic_head(h).squeeze(-1), (h, c)
 

@@ -167,7 +167,7 @@ class Agent(torch.nn.Module):
         self.tokenizer = Tokenizer(config.tokenizer)
         tokens = dict(vocab_size=config.tokenizer.vocab_size, tokens_per_frame=config.tokenizer.tokens_per_frame)
         self.world_model = WorldModel(config.world_model, num_actions=num_actions, **tokens)
-        self.actor_critic = ActorCritic(config.actor_critic, num_actions)
+        self.actor_critic = ActorCritic(config.actor_critic, num_actions, frame_size=config.env.frame_size)
         self.to(device)
         if config.channels_last:  # copies keep this layout: load_state_dict writes into these tensors
             self.tokenizer.to(memory_format=torch.channels_last)
@@ -185,7 +185,7 @@ class Agent(torch.nn.Module):
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, first: np.ndarray, temperature: float = 1.0, epsilon: float = 0.0) -> np.ndarray:
-        """Actions for n real environments. obs (n, 64, 64, 3) uint8; first (n,) True where an episode starts."""
+        """Actions for n real environments. obs (n, h, w, 3) uint8 (64 x 64); first (n,) True where an episode starts."""
         frames = torch.as_tensor(obs, device=self.device).permute(0, 3, 1, 2)  # (n, 3, 64, 64)
         first_t = torch.as_tensor(first, device=self.device, dtype=torch.bool)
         if self.state is None or self.state[0].shape[0] != len(obs):
@@ -867,7 +867,7 @@ CONFIG_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "actor_critic.conv_channels": (lambda v: 1 <= len(v) <= 6 and SIZES[0](v), "1 to 6 integers >= 1"),
     "actor_critic.gamma": (lambda v: 0 < v <= 1, "0 < γ <= 1"),
     "actor_critic.bootstrap": (lambda v: v in BOOTSTRAPS, " or ".join(BOOTSTRAPS)),
-    "env.frame_size": (lambda v: v == 64, "64 (the models take 64 x 64 frames, Table 2)"),
+    "env.frame_size": (lambda v: v >= 4, ">= 4 (64 in Table 2; a small test game may use fewer pixels)"),
 }
 # fmt: on
 
@@ -915,6 +915,12 @@ def cross_field_problems(config: IRISConfig) -> list[str]:
             tok.resolution % levels == 0,
             f"tokenizer.ch_mult = {tok.ch_mult!r} halves the frame {len(tok.ch_mult) - 1} "
             f"times: tokenizer.resolution = {tok.resolution} is not divisible by {levels}",
+        ),
+        (
+            config.env.frame_size % 2 ** len(config.actor_critic.conv_channels) == 0,
+            f"actor_critic.conv_channels = {config.actor_critic.conv_channels!r} halves the frame "
+            f"{len(config.actor_critic.conv_channels)} times: env.frame_size = {config.env.frame_size} is not "
+            f"divisible by {2 ** len(config.actor_critic.conv_channels)}",
         ),
         (
             wm.embed_dim % wm.num_heads == 0,

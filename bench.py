@@ -89,7 +89,7 @@ class Bench:
 def random_replay(cfg: IRISConfig, size: int, agent: Agent) -> ReplayBuffer:
     """A dataset D of size steps of random frames, in episodes of the longest training length."""
     episode_length = cfg.env.max_train_frames // cfg.env.frame_skip  # 5,000 agent steps
-    replay = ReplayBuffer(device=agent.device, chunk_size=size)  # one allocation
+    replay = ReplayBuffer(agent.actor_critic.frame_shape, device=agent.device, chunk_size=size)  # one allocation
     for start in range(0, size, episode_length):
         length = min(episode_length, size - start)
         frames = torch.randint(0, 256, (length, *replay.obs_shape), dtype=torch.uint8)  # (T, 3, 64, 64)
@@ -147,7 +147,7 @@ def phase(bench: Bench, name: str) -> tuple[Callable[[], Any], int, str]:
 
         return rollout, cfg.actor_critic_batch_size * ac.imagination_horizon, "frames"
     if name == "collection":
-        run = bench.run(cfg, ReplayBuffer(device=agent.device))
+        run = bench.run(cfg, ReplayBuffer(agent.actor_critic.frame_shape, device=agent.device))
         run.obs, _ = bench.env.reset(seed=cfg.seed)
         return lambda: train.collect_experience(run, cfg.env_steps_per_epoch), cfg.env_steps_per_epoch, "env steps"
     if name == "replay":

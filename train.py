@@ -481,7 +481,8 @@ def new_run(config: IRISConfig, overwrite: bool = False) -> Run:
     if config.tokenizer.perceptual_weight > 0:
         agent.tokenizer.perceptual_net()  # fail now, not at epoch 6, if VGG16's weights cannot be had
     write_json(run_dir / "config.json", asdict(config))
-    run = Run(config, agent, make_optimizers(agent, config), ReplayBuffer(device=agent.device), run_dir, env=env)
+    replay = ReplayBuffer(agent.actor_critic.frame_shape, device=agent.device)  # x_t: (3, h, w) uint8
+    run = Run(config, agent, make_optimizers(agent, config), replay, run_dir, env=env)
     run.obs, _ = env.reset(seed=config.seed)
     return run
 
