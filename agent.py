@@ -33,7 +33,7 @@ import torch.nn as nn
 from PIL import Image
 
 from actor_critic import BOOTSTRAPS, ActorCritic, ActorCriticConfig
-from env import EnvConfig
+from env import EnvConfig, StepHook, run_episodes
 from replay import atomic_save
 from tokenizer import (
     LPIPS_CHANNELS,
@@ -207,6 +207,39 @@ class Agent(torch.nn.Module):
             return
         with self.autocast():
             self.state = self.actor_critic.burn_in(self.tokenizer.encode_decode(frames), mask)
+
+    def play_test_episodes(
+        self,
+        num_episodes: int,
+        seed: int,
+        temperature: float | None = None,
+        num_envs: int | None = None,
+        progress: bool = True,
+        on_step: StepHook | None = None,
+    ) -> list[float]:
+        """Returns of test episodes (Section 3.2: no end on life loss, ε = 0) in the agent's env config, in num_envs
+        parallel envs (default eval_envs), sampling at temperature (default eval_temperature, Table 5).
+
+        The episodes start from fresh LSTM states and leave none behind: the next act starts afresh. progress and
+        on_step are env.run_episodes's.
+        """
+        temperature = self.config.eval_temperature if temperature is None else temperature
+        self.eval()
+        self.state = None
+        try:
+            return run_episodes(
+                self.config.game,
+                lambda obs, first: self.act(obs, first, temperature, epsilon=0.0),
+                num_episodes,
+                num_envs or self.config.eval_envs,
+                seed,
+                train=False,
+                config=self.config.env,
+                progress=progress,
+                on_step=on_step,
+            )
+        finally:
+            self.state = None
 
     def save(self, path: str | Path, **extra: Any) -> None:
         """Atomically write the weights and the config they need (VGG is never saved: it is not ours to train)."""

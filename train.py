@@ -54,8 +54,8 @@ from agent import (
     validate_config,
     write_video,
 )
-from env import canonical_game, make_env, run_episodes
-from replay import ReplayBuffer, atomic_save
+from env import canonical_game, make_env
+from replay import ReplayBuffer, atomic_save, write_json
 from world_model import WorldModelEnv
 
 # Seconds of one training step of each component at the paper config (batches 256, 64, 64) on a 2-core Xeon CPU,
@@ -288,27 +288,8 @@ def make_optimizers(agent: Agent, cfg: IRISConfig) -> dict[str, torch.optim.Opti
 
 
 def evaluate_agent(run: Run, num_episodes: int) -> dict[str, Any]:
-    """Test episodes (no end on life loss, ε = 0, temperature of Table 5) in parallel environments.
-
-    The test envs have LSTM states of their own; the next collection burns its state in again (burn_in_collection).
-    """
-    cfg, agent = run.config, run.agent
-    agent.eval()
-    agent.state = None
-
-    def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
-        return agent.act(obs, first, cfg.eval_temperature, epsilon=0.0)
-
-    returns = run_episodes(
-        cfg.game,
-        policy,
-        num_episodes,
-        num_envs=min(cfg.eval_envs, num_episodes),
-        seed=cfg.seed + EVAL_SEED_OFFSET + run.epoch,
-        train=False,
-        config=cfg.env,
-    )
-    agent.state = None
+    """Test episodes (Agent.play_test_episodes); the next collection burns its LSTM state in again."""
+    returns = run.agent.play_test_episodes(num_episodes, seed=run.config.seed + EVAL_SEED_OFFSET + run.epoch)
     return {"eval/return": float(np.mean(returns)), "eval/returns": [float(r) for r in returns]}
 
 
@@ -418,13 +399,6 @@ def save_run(run: Run) -> None:
     }
     atomic_save(run.agent.checkpoint_dict(**extra), run.run_dir / CHECKPOINT, previous=run.run_dir / PREVIOUS)
     write_metrics_csv(run.history, run.run_dir / "metrics.csv")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write to a temporary file, then rename: a kill leaves the old file or the new, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
