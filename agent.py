@@ -357,7 +357,7 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> li
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Process: device, seeds, memory
+# Process: device (and a warning when a CPU would train for days), seeds, memory
 
 
 def pick_device(name: str) -> torch.device:
@@ -413,6 +413,33 @@ def reuse_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # another C library (musl) has no mallopt
         return False
+
+
+# Seconds of one training step of each component at the paper config (batches 256, 64, 64) on a 2-core Xeon CPU,
+# `python bench.py --repeats 1 --warmup 0` (README, Speed): a rough yardstick, not a measurement of this machine.
+CPU_SECONDS_PER_STEP = {"tokenizer": 70.0, "world_model": 25.0, "actor_critic": 174.0}
+CPU_WARNING_DAYS = 1.0  # warn when the training steps of a CPU run are projected to take longer than this
+
+
+def cpu_time_warning(config: IRISConfig, device: torch.device, done_epochs: int = 0) -> str | None:
+    """A warning when the epochs left would train paper-size components on a CPU for more than CPU_WARNING_DAYS,
+    projected from CPU_SECONDS_PER_STEP and this config's steps and batch sizes; None otherwise."""
+    if device.type != "cpu":
+        return None
+    paper, seconds = IRISConfig(), 0.0
+    for name, step_seconds in CPU_SECONDS_PER_STEP.items():
+        if getattr(config, name) == getattr(paper, name):  # another size has no measurement: a lower bound
+            epochs = config.epochs - max(getattr(config, f"start_{name}_after_epochs"), done_epochs)
+            batch = getattr(config, f"{name}_batch_size") / getattr(paper, f"{name}_batch_size")
+            seconds += max(0, epochs) * config.training_steps_per_epoch * batch * step_seconds
+    days = seconds / 86_400
+    if days <= CPU_WARNING_DAYS:
+        return None
+    return (
+        f"warning: this config on a CPU: about {days:,.0f} days of training steps (a step of each paper-size "
+        f"component took {', '.join(f'{s:.0f}' for s in CPU_SECONDS_PER_STEP.values())} s on a 2-core Xeon, "
+        "README Speed); the paper reports 3.5 days per game on an A100. Going on; --preset tiny or small fit a CPU"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,8 +42,9 @@ from agent import (
     add_config_flags,
     apply_overrides,
     config_from_args,
-    config_overrides,
     config_from_dict,
+    config_overrides,
+    cpu_time_warning,
     differing_keys,
     load_checkpoint,
     pick_device,
@@ -58,10 +59,6 @@ from env import canonical_game, make_env
 from replay import ReplayBuffer, atomic_save, write_json
 from world_model import WorldModelEnv
 
-# Seconds of one training step of each component at the paper config (batches 256, 64, 64) on a 2-core Xeon CPU,
-# `python bench.py --repeats 1 --warmup 0` (README, Speed): a rough yardstick, not a measurement of this machine.
-CPU_SECONDS_PER_STEP = {"tokenizer": 70.0, "world_model": 25.0, "actor_critic": 174.0}
-CPU_WARNING_DAYS = 1.0  # warn when the training steps of a CPU run are projected to take longer than this
 EVAL_SEED_OFFSET = 10_000  # test envs draw other no-op starts than the training env's seeds
 MEDIA_FRAMES = 8  # real frames (and their reconstructions) in each PNG
 MEDIA_BORDER = 2  # pixels of the Figure 4-style colour frame around each imagined frame
@@ -598,34 +595,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argpar
             )
         return None, args
     return config_from_args(args), args
-
-
-def cpu_time_warning(config: IRISConfig, device: torch.device, done_epochs: int = 0) -> str | None:
-    """A warning when the epochs left would train paper-size components on a CPU for more than CPU_WARNING_DAYS,
-    projected from CPU_SECONDS_PER_STEP and this config's steps and batch sizes; None otherwise. Components of
-    another size are left out of the sum (no measurement to scale), so the figure is a lower bound."""
-    if device.type != "cpu":
-        return None
-    paper, seconds = IRISConfig(), 0.0
-    starts = {
-        "tokenizer": config.start_tokenizer_after_epochs,
-        "world_model": config.start_world_model_after_epochs,
-        "actor_critic": config.start_actor_critic_after_epochs,
-    }
-    for name, start in starts.items():
-        if getattr(config, name) != getattr(paper, name):
-            continue
-        steps = max(0, config.epochs - max(start, done_epochs)) * config.training_steps_per_epoch
-        batch = getattr(config, f"{name}_batch_size") / getattr(paper, f"{name}_batch_size")
-        seconds += steps * batch * CPU_SECONDS_PER_STEP[name]
-    days = seconds / 86_400
-    if days <= CPU_WARNING_DAYS:
-        return None
-    return (
-        f"warning: this config on a CPU: about {days:,.0f} days of training steps (a step of each paper-size "
-        f"component took {', '.join(f'{s:.0f}' for s in CPU_SECONDS_PER_STEP.values())} s on a 2-core Xeon, "
-        "README Speed); the paper reports 3.5 days per game on an A100. Going on; --preset tiny or small fit a CPU"
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
