@@ -993,6 +993,7 @@ def cross_field_problems(config: IRISConfig) -> list[str]:
 
 
 def flat_value(config: Any, name: str) -> Any:
+    """The field "tokenizer.vocab_size" of a config dataclass, or of its `asdict` (a config.json)."""
     for part in name.split("."):
-        config = getattr(config, part)
+        config = config[part] if isinstance(config, Mapping) else getattr(config, part)
     return config
