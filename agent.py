@@ -1,6 +1,6 @@
 """The IRIS agent and what every entry point shares: the config of Tables 2-6 (Appendix A), presets, the Agent
-(E, D, G, π, V of Sections 2.1-2.3) with act/save/load, checkpoint reading and validation, device choice, and the
-config fields as command-line flags.
+(E, D, G, π, V of Sections 2.1-2.3) with act, test episodes and save/load, checkpoint reading and validation, device
+choice (with a warning when a CPU would train for days), and the config fields as command-line flags.
 
     agent = Agent.load("runs/Pong-.../checkpoint.pt")          # rebuild from a checkpoint alone
     actions = agent.act(frames, first, temperature=0.5)          # frames (n, 64, 64, 3) uint8
@@ -218,28 +218,21 @@ class Agent(torch.nn.Module):
         on_step: StepHook | None = None,
     ) -> list[float]:
         """Returns of test episodes (Section 3.2: no end on life loss, ε = 0) in the agent's env config, in num_envs
-        parallel envs (default eval_envs), sampling at temperature (default eval_temperature, Table 5).
-
-        The episodes start from fresh LSTM states and leave none behind: the next act starts afresh. progress and
-        on_step are env.run_episodes's.
-        """
+        parallel envs (default eval_envs), sampling at temperature (default eval_temperature, Table 5), each from a
+        fresh LSTM state. progress and on_step: env.run_episodes's."""
         temperature = self.config.eval_temperature if temperature is None else temperature
         self.eval()
         self.state = None
-        try:
-            return run_episodes(
-                self.config.game,
-                lambda obs, first: self.act(obs, first, temperature, epsilon=0.0),
-                num_episodes,
-                num_envs or self.config.eval_envs,
-                seed,
-                train=False,
-                config=self.config.env,
-                progress=progress,
-                on_step=on_step,
-            )
-        finally:
-            self.state = None
+
+        def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
+            return self.act(obs, first, temperature, epsilon=0.0)
+
+        game, env, num_envs = self.config.game, self.config.env, num_envs or self.config.eval_envs
+        returns = run_episodes(
+            game, policy, num_episodes, num_envs, seed, train=False, config=env, progress=progress, on_step=on_step
+        )
+        self.state = None  # the next act starts afresh, not from a test episode's state
+        return returns
 
     def save(self, path: str | Path, **extra: Any) -> None:
         """Atomically write the weights and the config they need (VGG is never saved: it is not ours to train)."""

@@ -551,7 +551,9 @@ def evaluate_checkpoint(
     if env_config != EnvConfig():
         print(f"warning: {game}'s env config differs from the paper's protocol: {env_config}", file=sys.stderr)
     on_step = None if recorder is None else recorder.on_step
-    returns = agent.play_test_episodes(episodes, config.seed, temperature, num_envs, progress, on_step)
+    returns = agent.play_test_episodes(
+        episodes, config.seed, temperature, num_envs=num_envs, progress=progress, on_step=on_step
+    )
     result = summarize_returns(game, returns, config, temperature)
     checkpoint_path = Path(path) if authors else resolve_checkpoint(path)
     result.update(
