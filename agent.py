@@ -1,6 +1,6 @@
 """The IRIS agent and what every entry point shares: the config of Tables 2-6 (Appendix A), presets, the Agent
-(E, D, G, π, V of Sections 2.1-2.3) with act/save/load, checkpoint reading and validation, device choice, and the
-config fields as command-line flags.
+(E, D, G, π, V of Sections 2.1-2.3) with act, test episodes and save/load, checkpoint reading and validation, device
+choice (with a warning when a CPU would train for days), and the config fields as command-line flags.
 
     agent = Agent.load("runs/Pong-.../checkpoint.pt")          # rebuild from a checkpoint alone
     actions = agent.act(frames, first, temperature=0.5)          # frames (n, 64, 64, 3) uint8
@@ -33,7 +33,7 @@ import torch.nn as nn
 from PIL import Image
 
 from actor_critic import BOOTSTRAPS, ActorCritic, ActorCriticConfig
-from env import EnvConfig
+from env import EnvConfig, StepHook, run_episodes
 from replay import atomic_save
 from tokenizer import (
     LPIPS_CHANNELS,
@@ -208,6 +208,32 @@ class Agent(torch.nn.Module):
         with self.autocast():
             self.state = self.actor_critic.burn_in(self.tokenizer.encode_decode(frames), mask)
 
+    def play_test_episodes(
+        self,
+        num_episodes: int,
+        seed: int,
+        temperature: float | None = None,
+        num_envs: int | None = None,
+        progress: bool = True,
+        on_step: StepHook | None = None,
+    ) -> list[float]:
+        """Returns of test episodes (Section 3.2: no end on life loss, ε = 0) in the agent's env config, in num_envs
+        parallel envs (default eval_envs), sampling at temperature (default eval_temperature, Table 5), each from a
+        fresh LSTM state. progress and on_step: env.run_episodes's."""
+        temperature = self.config.eval_temperature if temperature is None else temperature
+        self.eval()
+        self.state = None
+
+        def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
+            return self.act(obs, first, temperature, epsilon=0.0)
+
+        game, env, num_envs = self.config.game, self.config.env, num_envs or self.config.eval_envs
+        returns = run_episodes(
+            game, policy, num_episodes, num_envs, seed, train=False, config=env, progress=progress, on_step=on_step
+        )
+        self.state = None  # the next act starts afresh, not from a test episode's state
+        return returns
+
     def save(self, path: str | Path, **extra: Any) -> None:
         """Atomically write the weights and the config they need (VGG is never saved: it is not ours to train)."""
         atomic_save(self.checkpoint_dict(**extra), path)
@@ -324,7 +350,7 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> li
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Process: device, seeds, memory
+# Process: device (and a warning when a CPU would train for days), seeds, memory
 
 
 def pick_device(name: str) -> torch.device:
@@ -380,6 +406,33 @@ def reuse_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # another C library (musl) has no mallopt
         return False
+
+
+# Seconds of one training step of each component at the paper config (batches 256, 64, 64) on a 2-core Xeon CPU,
+# `python bench.py --repeats 1 --warmup 0` (README, Speed): a rough yardstick, not a measurement of this machine.
+CPU_SECONDS_PER_STEP = {"tokenizer": 70.0, "world_model": 25.0, "actor_critic": 174.0}
+CPU_WARNING_DAYS = 1.0  # warn when the training steps of a CPU run are projected to take longer than this
+
+
+def cpu_time_warning(config: IRISConfig, device: torch.device, done_epochs: int = 0) -> str | None:
+    """A warning when the epochs left would train paper-size components on a CPU for more than CPU_WARNING_DAYS,
+    projected from CPU_SECONDS_PER_STEP and this config's steps and batch sizes; None otherwise."""
+    if device.type != "cpu":
+        return None
+    paper, seconds = IRISConfig(), 0.0
+    for name, step_seconds in CPU_SECONDS_PER_STEP.items():
+        if getattr(config, name) == getattr(paper, name):  # another size has no measurement: a lower bound
+            epochs = config.epochs - max(getattr(config, f"start_{name}_after_epochs"), done_epochs)
+            batch = getattr(config, f"{name}_batch_size") / getattr(paper, f"{name}_batch_size")
+            seconds += max(0, epochs) * config.training_steps_per_epoch * batch * step_seconds
+    days = seconds / 86_400
+    if days <= CPU_WARNING_DAYS:
+        return None
+    return (
+        f"warning: this config on a CPU: about {days:,.0f} days of training steps (a step of each paper-size "
+        f"component took {', '.join(f'{s:.0f}' for s in CPU_SECONDS_PER_STEP.values())} s on a 2-core Xeon, "
+        "README Speed); the paper reports 3.5 days per game on an A100. Going on; --preset tiny or small fit a CPU"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -939,6 +992,7 @@ def cross_field_problems(config: IRISConfig) -> list[str]:
 
 
 def flat_value(config: Any, name: str) -> Any:
+    """The field "tokenizer.vocab_size" of a config dataclass, or of its `asdict` (a config.json)."""
     for part in name.split("."):
-        config = getattr(config, part)
+        config = config[part] if isinstance(config, Mapping) else getattr(config, part)
     return config

@@ -68,7 +68,7 @@ class EvalConfig:
     record_fps: int = 15  # 60 Hz Atari / frame skip 4
 
 
-TEST_EPSILON = 0.0  # no ε-greedy at test time (Table 5's ε = 0.01 is for collection only)
+TEST_EPSILON = 0.0  # no ε-greedy at test time (Agent.play_test_episodes; Table 5's ε = 0.01 is for collection)
 
 
 class EvaluationError(ValueError):
@@ -535,9 +535,9 @@ def evaluate_checkpoint(
     """
     import torch
 
-    from env import EnvConfig, run_episodes
-
     from agent import setup_process
+    from env import EnvConfig
+    from replay import write_json
 
     agent, checkpoint, game = load_agent(path, game, device, authors)
     setup_process(agent.config, agent.device)
@@ -545,26 +545,14 @@ def evaluate_checkpoint(
     temperature = agent.config.eval_temperature if temperature is None else temperature
     num_envs = min(envs or agent.config.eval_envs, episodes)
     torch.manual_seed(config.seed)  # the policy samples its actions
-    agent.state = None  # fresh LSTM states; Agent.act resets each row where an episode starts
     recorder = BestEpisodeRecorder(episodes, num_envs) if record else None
-
-    def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
-        return agent.act(obs, first, temperature, TEST_EPSILON)
-
     # The test env of the agent's own env config (frame skip etc.): no life-loss ends, max_test_frames per episode.
     env_config = agent.config.env
     if env_config != EnvConfig():
         print(f"warning: {game}'s env config differs from the paper's protocol: {env_config}", file=sys.stderr)
-    returns = run_episodes(
-        game,
-        policy,
-        episodes,
-        num_envs=num_envs,
-        seed=config.seed,
-        train=False,
-        config=env_config,
-        progress=progress,
-        on_step=None if recorder is None else recorder.on_step,
+    on_step = None if recorder is None else recorder.on_step
+    returns = agent.play_test_episodes(
+        episodes, config.seed, temperature, num_envs=num_envs, progress=progress, on_step=on_step
     )
     result = summarize_returns(game, returns, config, temperature)
     checkpoint_path = Path(path) if authors else resolve_checkpoint(path)
@@ -581,7 +569,7 @@ def evaluate_checkpoint(
         result["video"] = str(save_video(recorder.best_frames, agent.tokenizer, video, config))
         result["video_return"] = recorder.best_return
     result["out"] = str(out)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     return result
 
 

@@ -26,7 +26,7 @@ import torch
 
 from agent import CLIParser
 from env import EnvConfig, make_env, run_episodes
-from replay import ReplayBuffer, atomic_save
+from replay import ReplayBuffer, atomic_save, write_json
 from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig
 from train import FINAL_EVAL
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv
@@ -454,7 +454,7 @@ def random_returns(game: str, env_config: EnvConfig, episodes: int, seed: int, o
         return rng.integers(num_actions, size=len(obs))
 
     returns = run_episodes(game, policy, episodes, seed=seed, train=False, config=env_config)
-    path.write_text(json.dumps({"game": game, "episodes": episodes, "returns": returns}))
+    write_json(path, {"game": game, "episodes": episodes, "returns": returns})
     return returns
 
 

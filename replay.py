@@ -10,6 +10,7 @@ sampling is a single gather (100k steps of 3x64x64 frames are 1.2 GB).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -46,6 +47,14 @@ def atomic_save(obj: Any, path: str | Path, previous: str | Path | None = None) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """JSON to a temporary file, then rename: a kill leaves the old file or the new, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def keep_previous(path: Path, previous: Path) -> None:

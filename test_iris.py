@@ -3171,6 +3171,6 @@ def test_rel_progress_bars_stay_out_of_logs(capfd):
 def test_rel_the_paper_config_on_a_cpu_warns_of_its_length():
     paper = agent_lib.IRISConfig()
     # 595, 575, 550 epochs of 200 steps at 70, 25, 174 s per step: 30.3M s.
-    assert "about 351 days" in train.cpu_time_warning(paper, torch.device("cpu"))
-    assert train.cpu_time_warning(paper, torch.device("cuda")) is None
-    assert train.cpu_time_warning(train.parse_args(["--preset", "tiny"])[0], torch.device("cpu")) is None
+    assert "about 351 days" in agent_lib.cpu_time_warning(paper, torch.device("cpu"))
+    assert agent_lib.cpu_time_warning(paper, torch.device("cuda")) is None
+    assert agent_lib.cpu_time_warning(train.parse_args(["--preset", "tiny"])[0], torch.device("cpu")) is None

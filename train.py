@@ -42,9 +42,11 @@ from agent import (
     add_config_flags,
     apply_overrides,
     config_from_args,
-    config_overrides,
     config_from_dict,
+    config_overrides,
+    cpu_time_warning,
     differing_keys,
+    flat_value,
     load_checkpoint,
     pick_device,
     rng_states,
@@ -54,18 +56,18 @@ from agent import (
     validate_config,
     write_video,
 )
-from env import canonical_game, make_env, run_episodes
-from replay import ReplayBuffer, atomic_save
+from env import canonical_game, make_env
+from replay import ReplayBuffer, atomic_save, write_json
 from world_model import WorldModelEnv
 
-# Seconds of one training step of each component at the paper config (batches 256, 64, 64) on a 2-core Xeon CPU,
-# `python bench.py --repeats 1 --warmup 0` (README, Speed): a rough yardstick, not a measurement of this machine.
-CPU_SECONDS_PER_STEP = {"tokenizer": 70.0, "world_model": 25.0, "actor_critic": 174.0}
-CPU_WARNING_DAYS = 1.0  # warn when the training steps of a CPU run are projected to take longer than this
 EVAL_SEED_OFFSET = 10_000  # test envs draw other no-op starts than the training env's seeds
 MEDIA_FRAMES = 8  # real frames (and their reconstructions) in each PNG
 MEDIA_BORDER = 2  # pixels of the Figure 4-style colour frame around each imagined frame
 MEDIA_GIF_MS = 200  # milliseconds per imagined step in the GIF
+# fmt: off
+SUMMARY_KEYS = ("env_steps", "collect/return", "tokenizer/reconstruction", "world_model/transition", "world_model/reward",
+                "actor_critic/value", "actor_critic/imagined_return", "eval/return")
+# fmt: on
 
 
 @dataclass
@@ -114,18 +116,10 @@ def training_loop(run: Run) -> None:
             save_run(run)
             print(summary_line(metrics), flush=True)
     final = evaluate_agent(run, cfg.final_eval_episodes)
+    result = {"game": cfg.game, "epoch": run.epoch, "episodes": cfg.final_eval_episodes, "env_steps": len(run.replay)}
+    result.update(mean_return=final["eval/return"], returns=final["eval/returns"])
     with deferred_signals():
-        write_json(
-            run.run_dir / FINAL_EVAL,
-            {
-                "game": cfg.game,
-                "epoch": run.epoch,
-                "episodes": cfg.final_eval_episodes,
-                "env_steps": len(run.replay),
-                "mean_return": final["eval/return"],
-                "returns": final["eval/returns"],
-            },
-        )
+        write_json(run.run_dir / FINAL_EVAL, result)
     print(f"final evaluation over {cfg.final_eval_episodes} episodes: mean return {final['eval/return']:.2f}")
 
 
@@ -141,30 +135,22 @@ def collect_experience(run: Run, n: int) -> dict[str, float]:
     """Algorithm 1, collect_experience(n): act with π on x̂_t = D(E(x_t)) and add {x_t, a_t, r_t, d_t} to D."""
     cfg, agent = run.config, run.agent
     agent.eval()
-    burn_in_collection(run)
+    # As the reference collector: π's LSTM state burnt in with the current weights on the episode's last burn_in
+    # frames (left-padded), so that an evaluation or an update since the last call leaves no stale state.
+    frames, mask = run.replay.last_frames(cfg.actor_critic.burn_in)  # (T, 3, 64, 64) uint8, (T,) bool
+    agent.burn_in(frames[None], mask[None])
     returns, episode_return = [], 0.0
     for _ in tqdm(range(n), desc="collect", leave=False, disable=None):
         action = agent.act(run.obs[None], np.array([run.first]), cfg.collect_temperature, cfg.collect_epsilon)[0]
         next_obs, reward, terminated, truncated, _ = run.env.step(action)
         run.replay.add(run.obs, int(action), float(reward), bool(terminated), bool(truncated))
         episode_return += float(reward)
-        run.obs, run.first = next_obs, False
-        if terminated or truncated:
+        run.obs, run.first = next_obs, bool(terminated or truncated)
+        if run.first:
             returns.append(episode_return)
             episode_return = 0.0
             run.obs, _ = run.env.reset()
-            run.first = True
     return {"collect/return": float(np.mean(returns))} if returns else {}
-
-
-def burn_in_collection(run: Run) -> None:
-    """The policy's LSTM state for the episode being collected, burnt in with the current weights.
-
-    As the reference collector, every collection call starts from the last burn_in frames of the current episode
-    (left-padded when it is shorter): an evaluation or a behaviour update in between leaves no stale state.
-    """
-    frames, mask = run.replay.last_frames(run.config.actor_critic.burn_in)  # (T, 3, 64, 64) uint8, (T,) bool
-    run.agent.burn_in(frames[None], mask[None])
 
 
 def update_world_model(run: Run, epoch: int, name: str) -> dict[str, float]:
@@ -172,23 +158,21 @@ def update_world_model(run: Run, epoch: int, name: str) -> dict[str, float]:
 
     As in the reference code, the tokenizer takes its steps of the epoch first and is frozen while G trains.
     """
-    cfg, agent = run.config, run.agent
-    start = {"tokenizer": cfg.start_tokenizer_after_epochs, "world_model": cfg.start_world_model_after_epochs}[name]
-    agent.tokenizer.eval()
-    if epoch <= start:
+    run.agent.tokenizer.eval()
+    if epoch <= getattr(run.config, f"start_{name}_after_epochs"):
         return {}
-    getattr(agent, name).train()
-    losses = {"tokenizer": tokenizer_loss, "world_model": world_model_loss}[name]
-    metrics = train_steps(run, name, lambda: losses(run))
-    agent.tokenizer.eval()
+    getattr(run.agent, name).train()
+    compute_loss = tokenizer_loss if name == "tokenizer" else world_model_loss
+    metrics = train_steps(run, name, lambda: compute_loss(run))
+    run.agent.tokenizer.eval()
     return metrics
 
 
 def update_behavior(run: Run, epoch: int) -> dict[str, float]:
     """Algorithm 1, update_behavior: imagine H steps from real frames (after burn-in), update π and V (App. B)."""
-    cfg, agent = run.config, run.agent
-    if epoch <= cfg.start_actor_critic_after_epochs:
+    if epoch <= run.config.start_actor_critic_after_epochs:
         return {}
+    agent = run.agent
     agent.tokenizer.eval()
     agent.world_model.eval()
     agent.actor_critic.train()
@@ -214,19 +198,15 @@ def world_model_loss(run: Run) -> dict[str, torch.Tensor]:
 
 def behavior_loss(run: Run, wm_env: WorldModelEnv) -> dict[str, torch.Tensor]:
     """Eqs. (4)-(6) on B trajectories imagined from real frames, after a burn-in of their episode's past."""
-    cfg, ac_cfg = run.config, run.config.actor_critic
+    ac, device = run.config.actor_critic, run.agent.device
     batch = run.replay.sample(
-        cfg.actor_critic_batch_size, ac_cfg.burn_in + 1, sample_from_start=False, device=run.agent.device
+        run.config.actor_critic_batch_size, ac.burn_in + 1, sample_from_start=False, device=device
     )
+    tokens = segment_tokens(run, batch)  # z of the burn-in frames and of x_0, (B, burn_in + 1, K)
     out = imagine(
-        run.agent.actor_critic,
-        wm_env,
-        batch["observations"],
-        batch["mask"],
-        ac_cfg.imagination_horizon,
-        tokens=segment_tokens(run, batch),
+        run.agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac.imagination_horizon, tokens=tokens
     )
-    return actor_critic_loss(out, ac_cfg)
+    return actor_critic_loss(out, ac)
 
 
 def train_steps(run: Run, name: str, compute_loss: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -253,12 +233,9 @@ def encode_dataset(run: Run, epoch: int) -> torch.Tensor | None:
     cfg, tokenizer = run.config, run.agent.tokenizer
     if not cfg.cache_tokens or epoch <= min(cfg.start_world_model_after_epochs, cfg.start_actor_critic_after_epochs):
         return None
-    frames = run.replay.observations  # (N_steps, 3, 64, 64) uint8
+    frames, size = run.replay.observations, cfg.encode_batch_size  # (N_steps, 3, 64, 64) uint8
     with run.agent.autocast():
-        chunks = [
-            tokenizer.encode(frames[i : i + cfg.encode_batch_size].to(run.agent.device))
-            for i in range(0, len(frames), cfg.encode_batch_size)
-        ]
+        chunks = [tokenizer.encode(frames[i : i + size].to(run.agent.device)) for i in range(0, len(frames), size)]
     return torch.cat(chunks)
 
 
@@ -284,31 +261,12 @@ def make_optimizers(agent: Agent, cfg: IRISConfig) -> dict[str, torch.optim.Opti
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation and media
+# Evaluation, media and the epoch's line
 
 
 def evaluate_agent(run: Run, num_episodes: int) -> dict[str, Any]:
-    """Test episodes (no end on life loss, ε = 0, temperature of Table 5) in parallel environments.
-
-    The test envs have LSTM states of their own; the next collection burns its state in again (burn_in_collection).
-    """
-    cfg, agent = run.config, run.agent
-    agent.eval()
-    agent.state = None
-
-    def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
-        return agent.act(obs, first, cfg.eval_temperature, epsilon=0.0)
-
-    returns = run_episodes(
-        cfg.game,
-        policy,
-        num_episodes,
-        num_envs=min(cfg.eval_envs, num_episodes),
-        seed=cfg.seed + EVAL_SEED_OFFSET + run.epoch,
-        train=False,
-        config=cfg.env,
-    )
-    agent.state = None
+    """Test episodes (Agent.play_test_episodes); the next collection burns its LSTM state in again."""
+    returns = run.agent.play_test_episodes(num_episodes, seed=run.config.seed + EVAL_SEED_OFFSET + run.epoch)
     return {"eval/return": float(np.mean(returns)), "eval/returns": [float(r) for r in returns]}
 
 
@@ -317,27 +275,21 @@ def save_media(run: Run, epoch: int) -> None:
     """A PNG of real frames above their reconstructions, and a GIF of imagined trajectories (Figure 4 style)."""
     import torchvision.utils
 
-    agent, n = run.agent, run.config.media_trajectories
+    agent, n, ac = run.agent, run.config.media_trajectories, run.config.actor_critic
     agent.eval()
     media = run.run_dir / "media"
     media.mkdir(exist_ok=True)
     frames = run.replay.sample_frames(MEDIA_FRAMES, device=agent.device)  # (8, 3, 64, 64) uint8
     grid = torch.cat([frames.float() / 255, agent.tokenizer.encode_decode(frames)])
     torchvision.utils.save_image(grid, media / f"reconstructions_epoch{epoch:04d}.png", nrow=MEDIA_FRAMES)
-    ac_cfg = run.config.actor_critic
-    batch = run.replay.sample(n, ac_cfg.burn_in + 1, sample_from_start=False, device=agent.device)
-    out = imagine(
-        agent.actor_critic,
-        WorldModelEnv(agent.tokenizer, agent.world_model),
-        batch["observations"],
-        batch["mask"],
-        ac_cfg.imagination_horizon,
-    )
+    batch = run.replay.sample(n, ac.burn_in + 1, sample_from_start=False, device=agent.device)
+    wm_env = WorldModelEnv(agent.tokenizer, agent.world_model)
+    out = imagine(agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac.imagination_horizon)
     frames = (out.frames * 255).round().to(torch.uint8)  # x̂_0..x̂_H, (n, H + 1, 3, 64, 64)
     # Figure 4: yellow border where a reward is predicted on the step into the frame, red where an end is.
     border = torch.zeros(n, frames.shape[1], 3, dtype=torch.uint8, device=frames.device)
-    border[:, 1:][out.rewards > 0] = torch.tensor([255, 215, 0], dtype=torch.uint8, device=frames.device)
-    border[:, 1:][out.ends > 0] = torch.tensor([220, 0, 0], dtype=torch.uint8, device=frames.device)
+    border[:, 1:][out.rewards > 0] = border.new_tensor((255, 215, 0))
+    border[:, 1:][out.ends > 0] = border.new_tensor((220, 0, 0))
     b, size = MEDIA_BORDER, frames.shape[-1] + 2 * MEDIA_BORDER
     padded = border[..., None, None].expand(-1, -1, -1, size, size).clone()  # (n, H + 1, 3, 68, 68)
     padded[..., b : size - b, b : size - b] = frames
@@ -346,17 +298,8 @@ def save_media(run: Run, epoch: int) -> None:
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
-    keys = [
-        "env_steps",
-        "collect/return",
-        "tokenizer/reconstruction",
-        "world_model/transition",
-        "world_model/reward",
-        "actor_critic/value",
-        "actor_critic/imagined_return",
-        "eval/return",
-    ]
-    parts = [f"epoch {metrics['epoch']}"] + [f"{k} {metrics[k]:.4g}" for k in keys if k in metrics]
+    """The epoch's line on stdout: SUMMARY_KEYS (metrics.csv has every metric) and the epoch's seconds."""
+    parts = [f"epoch {metrics['epoch']}"] + [f"{k} {metrics[k]:.4g}" for k in SUMMARY_KEYS if k in metrics]
     seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
     return " | ".join(parts + [f"{seconds:.0f} s"])
 
@@ -401,42 +344,24 @@ def stop_line(run: Run | None, resumed: str | None) -> str:
     if not (saved or resumed):
         return f"{name}: stopped before the first epoch was saved; nothing to resume (start again with --overwrite)"
     done = f"epoch {saved} of {run.config.epochs} is the last complete one" if run else "the run is unchanged"
-    return f"{name}: stopped; {done} (the epoch in progress is lost); resume with: python train.py --resume " + str(
-        run.run_dir if run else resumed
-    )
+    where = run.run_dir if run else resumed
+    return f"{name}: stopped; {done} (the epoch in progress is lost); resume with: python train.py --resume {where}"
 
 
 def save_run(run: Run) -> None:
-    """The new steps of the dataset first, then the checkpoint that names its size: a kill between loses nothing."""
+    """The new steps of the dataset first, then the checkpoint that names its size (a kill between loses nothing),
+    then metrics.csv: a row per epoch, a column per metric (lists such as eval/returns stay in the checkpoint)."""
     run.replay.save(run.run_dir / "replay")
-    extra = {
-        "epoch": run.epoch,
-        "env_steps": len(run.replay),
-        "history": run.history,
-        "rng": rng_states(),
-        "optimizers": {name: opt.state_dict() for name, opt in run.optimizers.items()},
-    }
-    atomic_save(run.agent.checkpoint_dict(**extra), run.run_dir / CHECKPOINT, previous=run.run_dir / PREVIOUS)
-    write_metrics_csv(run.history, run.run_dir / "metrics.csv")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write to a temporary file, then rename: a kill leaves the old file or the new, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, list)]
-    tmp = path.with_suffix(".csv.tmp")
+    state = {"epoch": run.epoch, "env_steps": len(run.replay), "history": run.history, "rng": rng_states()}
+    state["optimizers"] = {name: optimizer.state_dict() for name, optimizer in run.optimizers.items()}
+    atomic_save(run.agent.checkpoint_dict(**state), run.run_dir / CHECKPOINT, previous=run.run_dir / PREVIOUS)
+    columns = dict.fromkeys(k for row in run.history for k, v in row.items() if not isinstance(v, list))
+    tmp = run.run_dir / "metrics.csv.tmp"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+        writer.writerows(run.history)
+    os.replace(tmp, run.run_dir / "metrics.csv")
 
 
 def open_run_dir(run_dir: Path, fresh: bool, overwrite: bool = False) -> None:
@@ -465,10 +390,8 @@ def open_run_dir(run_dir: Path, fresh: bool, overwrite: bool = False) -> None:
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if stale:
-        print(
-            f"removed {len(stale)} {'files of the old run' if fresh else 'temporary files of a killed save'} "
-            f"in {run_dir}"
-        )
+        what = "files of the old run" if fresh else "temporary files of a killed save"
+        print(f"removed {len(stale)} {what} in {run_dir}")
 
 
 def new_run(config: IRISConfig, overwrite: bool = False) -> Run:
@@ -509,20 +432,14 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run | 
     # never saw: not read, and overwritten by the next save.
     replay = ReplayBuffer.load(run_dir / "replay", device=agent.device, num_steps=checkpoint["env_steps"])
     replay.close_episode()  # the emulator's state is not saved: collection restarts with a new game
-    run = Run(
-        agent.config,
-        agent,
-        make_optimizers(agent, agent.config),
-        replay,
-        run_dir,
-        epoch=checkpoint["epoch"],
-        history=checkpoint["history"],
-    )
-    for name, optimizer in run.optimizers.items():
+    optimizers = make_optimizers(agent, agent.config)
+    for name, optimizer in optimizers.items():
         optimizer.load_state_dict(checkpoint["optimizers"][name])
     set_rng_states(checkpoint["rng"])
-    run.env = make_env(config.game, train=True, seed=config.seed + run.epoch, config=config.env)
-    run.obs, _ = run.env.reset(seed=config.seed + run.epoch)
+    seed = config.seed + checkpoint["epoch"]  # a new game: other no-op starts than the epoch before
+    env = make_env(config.game, train=True, seed=seed, config=config.env)
+    run = Run(agent.config, agent, optimizers, replay, run_dir, checkpoint["epoch"], checkpoint["history"], env=env)
+    run.obs, _ = env.reset(seed=seed)
     return run
 
 
@@ -589,14 +506,8 @@ def config_json_edits(path: Path, config: dict[str, Any]) -> str:
         return f"unreadable: {error}"
     if not isinstance(recorded, dict):
         return "not a JSON object"
-    differing = differing_keys(recorded, config)
-    return ", ".join(f"{key} {flat_item(recorded, key)!r} instead of {flat_item(config, key)!r}" for key in differing)
-
-
-def flat_item(values: dict[str, Any], name: str) -> Any:
-    for part in name.split("."):
-        values = values[part]
-    return values
+    edits = differing_keys(recorded, config)
+    return ", ".join(f"{key} {flat_value(recorded, key)!r} instead of {flat_value(config, key)!r}" for key in edits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,11 +515,8 @@ def flat_item(values: dict[str, Any], name: str) -> Any:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argparse.Namespace]:
-    parser = CLIParser(
-        usage="%(prog)s [--resume RUN_DIR] [--overwrite] [--preset NAME] [--FIELD VALUE ...]",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    usage = "%(prog)s [--resume RUN_DIR] [--overwrite] [--preset NAME] [--FIELD VALUE ...]"
+    parser = CLIParser(usage=usage, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a run from its checkpoint.pt (--epochs N: a longer run)"
     )
@@ -627,59 +535,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[IRISConfig | None, argpar
     return config_from_args(args), args
 
 
-def cpu_time_warning(config: IRISConfig, device: torch.device, done_epochs: int = 0) -> str | None:
-    """A warning when the epochs left would train paper-size components on a CPU for more than CPU_WARNING_DAYS,
-    projected from CPU_SECONDS_PER_STEP and this config's steps and batch sizes; None otherwise. Components of
-    another size are left out of the sum (no measurement to scale), so the figure is a lower bound."""
-    if device.type != "cpu":
-        return None
-    paper, seconds = IRISConfig(), 0.0
-    starts = {
-        "tokenizer": config.start_tokenizer_after_epochs,
-        "world_model": config.start_world_model_after_epochs,
-        "actor_critic": config.start_actor_critic_after_epochs,
-    }
-    for name, start in starts.items():
-        if getattr(config, name) != getattr(paper, name):
-            continue
-        steps = max(0, config.epochs - max(start, done_epochs)) * config.training_steps_per_epoch
-        batch = getattr(config, f"{name}_batch_size") / getattr(paper, f"{name}_batch_size")
-        seconds += steps * batch * CPU_SECONDS_PER_STEP[name]
-    days = seconds / 86_400
-    if days <= CPU_WARNING_DAYS:
-        return None
-    return (
-        f"warning: this config on a CPU: about {days:,.0f} days of training steps (a step of each paper-size "
-        f"component took {', '.join(f'{s:.0f}' for s in CPU_SECONDS_PER_STEP.values())} s on a 2-core Xeon, "
-        "README Speed); the paper reports 3.5 days per game on an A100. Going on; --preset tiny or small fit a CPU"
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
     run = None
     try:
-        if not args.resume:
+        if config is not None:
             validate_config(config)  # before anything is written
         STOP["pid"] = os.getpid()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, on_signal)
-        if args.resume:
-            run = resume_run(Path(args.resume), config_overrides(args))
-            if run is None:
-                return
-        else:
-            run = new_run(config, overwrite=args.overwrite)
+        run = resume_run(Path(args.resume), config_overrides(args)) if args.resume else new_run(config, args.overwrite)
+        if run is None:  # a complete run: nothing to do
+            return
         setup_process(run.config, run.agent.device)
-        warning = cpu_time_warning(run.config, run.agent.device, run.epoch)
-        if warning:
+        if warning := cpu_time_warning(run.config, run.agent.device, run.epoch):
             print(warning, file=sys.stderr, flush=True)
+        sizes = {name: sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6 for name in COMPONENTS}
         print(
             f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
-            + " | ".join(
-                f"{name} {sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6:.2f}M params"
-                for name in COMPONENTS
-            )
+            + " | ".join(f"{name} {size:.2f}M params" for name, size in sizes.items())
         )
         training_loop(run)
     except BaseException as error:
