@@ -932,12 +932,13 @@ def test_tokenizer_l2_reconstruction_learns_a_small_object():
     """reconstruction_loss = "l2" draws the ball within 400 steps; with "l1" and no perceptual term, D keeps drawing
     the background (ball error 0.60 here; 0.62 at 64x64 after 300 steps, README "Does it learn?").
 
-    The learning section's tokenizer (N = d = 16) on CatchBall's frames at half size, 32x32 with 8x8 cells, to save
-    time: one level less (ch_mult of 4), so still one token per cell, K = 16.
+    The learning section's tokenizer (N = d = 16, 32x32 frames with 8x8 cells, three halvings: K = 16, one token per
+    cell) on CatchBall's frames.
     """
     torch.manual_seed(0)
     catch = {name.split(".")[1]: value for name, value in CATCH_CONFIG.items() if name.startswith("tokenizer.")}
-    tokenizer = tiny_tokenizer(**{**catch, "reconstruction_loss": "l2"}, resolution=32, ch_mult=(1, 1, 1, 1))
+    tokenizer = tiny_tokenizer(**catch)
+    assert tokenizer.config.resolution == 32 and tokenizer.config.reconstruction_loss == "l2"
     assert tokenizer.config.tokens_per_frame == 16
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
