@@ -16,8 +16,6 @@ import torch.nn as nn
 from tokenizer import Tokenizer
 from world_model import WorldModelEnv, sample
 
-FRAME_SIZE = 64  # h = w of the 64x64x3 frames of Appendix A (Table 2); env.frame_size sets it
-
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, lstm_dim)
 BOOTSTRAPS = ("paper", "reference")  # values of ActorCriticConfig.bootstrap
 
@@ -39,11 +37,11 @@ class ActorCriticConfig:
 class ActorCritic(nn.Module):
     """π(a_t | x̂_≤t) and V(x̂_t): conv block -> LSTM cell -> two linear heads (Appendix A.3)."""
 
-    def __init__(self, config: ActorCriticConfig, num_actions: int, frame_size: int = FRAME_SIZE) -> None:
+    def __init__(self, config: ActorCriticConfig, num_actions: int, frame_size: int) -> None:
         super().__init__()
         self.config = config
         self.num_actions = num_actions
-        self.frame_shape = (3, frame_size, frame_size)  # (C, h, w)
+        self.frame_shape = (3, frame_size, frame_size)  # (C, h, w) of x̂_t: env.frame_size, 64 in Table 2
         layers: list[nn.Module] = []
         in_channels = 3
         for channels in config.conv_channels:

@@ -673,7 +673,7 @@ def paper_modules(num_actions: int) -> dict[str, nn.Module]:
             "world_model": WorldModel(
                 WorldModelConfig(), tokenizer_config.vocab_size, tokenizer_config.tokens_per_frame, num_actions
             ),
-            "actor_critic": ActorCritic(ActorCriticConfig(), num_actions),
+            "actor_critic": ActorCritic(ActorCriticConfig(), num_actions, EnvConfig().frame_size),
         }
 
 

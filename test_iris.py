@@ -1262,7 +1262,11 @@ AC = TINY.actor_critic  # conv channels (8, 8, 16, 16), LSTM 64, burn-in 4, H = 
 
 def tiny_models(num_actions: int) -> tuple[Tokenizer, WorldModel, ActorCritic]:
     """The tiny E and D, G and π/V, untrained."""
-    return tiny_tokenizer(), tiny_world_model(num_actions=num_actions), ActorCritic(AC, num_actions)
+    return (
+        tiny_tokenizer(),
+        tiny_world_model(num_actions=num_actions),
+        ActorCritic(AC, num_actions, TINY.env.frame_size),
+    )
 
 
 def _ac_brute_force_lambda_returns(rewards, values, ends, gamma, lam):
@@ -1450,7 +1454,7 @@ def test_actor_critic_loss_keys_and_backward():
 
 def test_actor_critic_burn_in_sets_state_and_skips_padding():
     torch.manual_seed(0)
-    model = ActorCritic(AC, num_actions=3)
+    model = ActorCritic(AC, num_actions=3, frame_size=TINY.env.frame_size)
     frames = random_frames(2, 6).float() / 255  # x̂, (B, T, 3, 64, 64) in [0, 1]
     mask = torch.ones(2, 4, dtype=torch.bool)
     h, c = model.burn_in(frames[:, 2:], mask)
@@ -1473,7 +1477,7 @@ def test_actor_critic_burn_in_sets_state_and_skips_padding():
 
 def test_actor_critic_forward_shapes_mask_and_reset():
     torch.manual_seed(0)
-    model = ActorCritic(AC, num_actions=5)
+    model = ActorCritic(AC, num_actions=5, frame_size=TINY.env.frame_size)
     frames = random_frames(3, 3).float() / 255
     state = model.burn_in(frames[:, :2], torch.ones(3, 2, dtype=torch.bool))
     with torch.no_grad():
@@ -1489,7 +1493,10 @@ def test_actor_critic_forward_shapes_mask_and_reset():
 
 
 def test_actor_critic_parameter_count():
-    num_parameters = sum(p.numel() for p in ActorCritic(ActorCriticConfig(), num_actions=6).parameters())
+    num_parameters = sum(
+        p.numel()
+        for p in ActorCritic(ActorCriticConfig(), num_actions=6, frame_size=EnvConfig().frame_size).parameters()
+    )
     assert 3_100_000 < num_parameters < 3_300_000, num_parameters  # "about 3.2 million" with the paper's config
 
 
@@ -2173,7 +2180,7 @@ def authors_layout():
     modules = {
         "tokenizer": Tokenizer(TokenizerConfig(pretrained_vgg=False)),
         "world_model": WorldModel(WorldModelConfig(), vocab_size=512, tokens_per_frame=16, num_actions=6),
-        "actor_critic": ActorCritic(ActorCriticConfig(), num_actions=6),
+        "actor_critic": ActorCritic(ActorCriticConfig(), num_actions=6, frame_size=EnvConfig().frame_size),
     }
     with torch.no_grad():
         for module in modules.values():
@@ -2232,7 +2239,7 @@ def test_authors_checkpoint_layout_converts_and_loads(authors_layout):
         fresh = {
             "tokenizer": lambda: Tokenizer(TokenizerConfig()),
             "world_model": lambda: WorldModel(WorldModelConfig(), 512, 16, num_actions),
-            "actor_critic": lambda: ActorCritic(ActorCriticConfig(), num_actions),
+            "actor_critic": lambda: ActorCritic(ActorCriticConfig(), num_actions, EnvConfig().frame_size),
         }[name]()
         fresh.load_state_dict(converted[name])  # strict: every key, every shape
         for key, value in module.state_dict().items():
@@ -2332,7 +2339,7 @@ def test_authors_checkpoint_gives_the_same_outputs(authors_layout):
     loaded = {
         "tokenizer": Tokenizer(TokenizerConfig()),
         "world_model": WorldModel(WorldModelConfig(), 512, 16, 6),
-        "actor_critic": ActorCritic(ActorCriticConfig(), num_actions),
+        "actor_critic": ActorCritic(ActorCriticConfig(), num_actions, EnvConfig().frame_size),
     }
     for name, module in loaded.items():
         module.load_state_dict(converted[name])
