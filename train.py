@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import csv
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -33,9 +32,10 @@ from tqdm import tqdm
 
 from actor_critic import actor_critic_loss, imagine
 from agent import (
+    CHECKPOINT,
     COMPONENTS,
+    PREVIOUS,
     Agent,
-    CheckpointError,
     CLIParser,
     ConfigError,
     IRISConfig,
@@ -43,11 +43,11 @@ from agent import (
     apply_overrides,
     config_from_args,
     config_from_dict,
+    config_json_edits,
     config_overrides,
     cpu_time_warning,
     differing_keys,
-    flat_value,
-    load_checkpoint,
+    load_run_checkpoint,
     pick_device,
     rng_states,
     set_rng_states,
@@ -309,9 +309,6 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 LOCK_FILE = ".lock"  # flock-ed by the process writing the run, which writes its PID in it
-CHECKPOINT = "checkpoint.pt"  # the last complete epoch
-PREVIOUS = "checkpoint.prev.pt"  # the epoch before it: resume falls back to it when CHECKPOINT is unreadable
-CORRUPT = "checkpoint.corrupt.pt"  # an unreadable CHECKPOINT, kept aside for inspection after a fallback
 FINAL_EVAL = "final_eval.json"  # written at the end of the last epoch: the run is complete
 SCHEDULE_FIELDS = ("epochs", "collection_epochs")  # the fields --resume may change: a finished run goes on
 STOP: dict[str, Any] = {"signal": None, "deferred": False, "pid": None}  # SIGINT/SIGTERM received, a save under way
@@ -419,7 +416,7 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run | 
             f"nothing to resume in {run_dir}: it holds no {CHECKPOINT} (train.py writes one at the end of every epoch)"
         )
     open_run_dir(run_dir, fresh=False)
-    checkpoint = read_checkpoint(run_dir)
+    checkpoint = load_run_checkpoint(run_dir)
     config = extend_run(run_dir, checkpoint, {k: v for k, v in overrides.items() if k in SCHEDULE_FIELDS})
     if checkpoint["epoch"] >= config.epochs and (run_dir / FINAL_EVAL).is_file():
         print(
@@ -441,32 +438,6 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run | 
     run = Run(agent.config, agent, optimizers, replay, run_dir, checkpoint["epoch"], checkpoint["history"], env=env)
     run.obs, _ = env.reset(seed=seed)
     return run
-
-
-def read_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """CHECKPOINT, or PREVIOUS when CHECKPOINT is missing or unreadable (one line says so; the bad file is kept
-    aside as CORRUPT, so that the next save does not make it the fallback)."""
-    path, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
-    try:
-        return load_checkpoint(path)
-    except (CheckpointError, FileNotFoundError) as error:
-        if not previous.is_file():
-            raise
-        reason = "missing" if isinstance(error, FileNotFoundError) else str(error.__cause__ or error).splitlines()[0]
-    try:
-        checkpoint = load_checkpoint(previous)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path} ({reason}) and {previous} are both unreadable ({error.__cause__ or error})")
-    kept = ""
-    if path.is_file():
-        os.replace(path, run_dir / CORRUPT)
-        kept = f"; the bad file is kept as {CORRUPT}"
-    print(
-        f"{CHECKPOINT} is unreadable ({reason}): resuming from {PREVIOUS}, epoch {checkpoint['epoch']} "
-        f"({checkpoint['env_steps']} env steps){kept}",
-        flush=True,
-    )
-    return checkpoint
 
 
 def extend_run(run_dir: Path, checkpoint: dict[str, Any], schedule: dict[str, Any]) -> IRISConfig:
@@ -496,18 +467,6 @@ def extend_run(run_dir: Path, checkpoint: dict[str, Any], schedule: dict[str, An
     if edited or changed:
         write_json(run_dir / "config.json", asdict(config))
     return config
-
-
-def config_json_edits(path: Path, config: dict[str, Any]) -> str:
-    """How config.json differs from the config dict: '' when it does not."""
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        return f"unreadable: {error}"
-    if not isinstance(recorded, dict):
-        return "not a JSON object"
-    edits = differing_keys(recorded, config)
-    return ", ".join(f"{key} {flat_value(recorded, key)!r} instead of {flat_value(config, key)!r}" for key in edits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
