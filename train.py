@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import fcntl
 import os
 import shutil
@@ -57,7 +56,7 @@ from agent import (
     write_video,
 )
 from env import canonical_game, make_env
-from replay import ReplayBuffer, atomic_save, write_json
+from replay import ReplayBuffer, atomic_save, write_csv, write_json
 from world_model import WorldModelEnv
 
 EVAL_SEED_OFFSET = 10_000  # test envs draw other no-op starts than the training env's seeds
@@ -353,12 +352,7 @@ def save_run(run: Run) -> None:
     state["optimizers"] = {name: optimizer.state_dict() for name, optimizer in run.optimizers.items()}
     atomic_save(run.agent.checkpoint_dict(**state), run.run_dir / CHECKPOINT, previous=run.run_dir / PREVIOUS)
     columns = dict.fromkeys(k for row in run.history for k, v in row.items() if not isinstance(v, list))
-    tmp = run.run_dir / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(run.history)
-    os.replace(tmp, run.run_dir / "metrics.csv")
+    write_csv(run.run_dir / "metrics.csv", run.history, list(columns))
 
 
 def open_run_dir(run_dir: Path, fresh: bool, overwrite: bool = False) -> None:
