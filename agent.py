@@ -600,6 +600,17 @@ def config_from_args(args: argparse.Namespace) -> IRISConfig:
     return config
 
 
+def config_from_checkpoint(checkpoint: dict[str, Any], overrides: dict[str, Any]) -> IRISConfig:
+    """The config a run's checkpoint stores, then the flags given on resume (train.py: --epochs N, a longer run),
+    validated: a run cannot be cut below the epochs it has done."""
+    config = config_from_dict(checkpoint["config"])
+    apply_overrides(config, overrides)
+    validate_config(config)
+    if config.epochs < checkpoint["epoch"]:
+        raise ConfigError(f"the run has done {checkpoint['epoch']} epochs: --epochs {config.epochs} cannot undo them")
+    return config
+
+
 def apply_overrides(config: IRISConfig, overrides: dict[str, Any]) -> None:
     """Set the fields given; --epochs alone shortens the collection with it (--preset tiny --epochs 4 collects in
     all 4 epochs), so that only an explicit collection_epochs > epochs is refused by validate_config."""

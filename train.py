@@ -36,12 +36,10 @@ from agent import (
     PREVIOUS,
     Agent,
     CLIParser,
-    ConfigError,
     IRISConfig,
     add_config_flags,
-    apply_overrides,
     config_from_args,
-    config_from_dict,
+    config_from_checkpoint,
     config_json_edits,
     config_overrides,
     cpu_time_warning,
@@ -438,11 +436,7 @@ def extend_run(run_dir: Path, checkpoint: dict[str, Any], schedule: dict[str, An
     """The run's config: the checkpoint's, with the new schedule fields if any (written into the checkpoint and
     config.json before anything trains). An edited config.json is rewritten from the checkpoint, with a warning."""
     before = checkpoint["config"]
-    config = config_from_dict(before)
-    apply_overrides(config, schedule)
-    validate_config(config)
-    if config.epochs < checkpoint["epoch"]:
-        raise ConfigError(f"the run has done {checkpoint['epoch']} epochs: --epochs {config.epochs} cannot undo them")
+    config = config_from_checkpoint(checkpoint, schedule)
     edited = config_json_edits(run_dir / "config.json", before)
     changed = differing_keys(asdict(config), before)
     if changed:
