@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 import inspect
 import io
+import json
 import os
 import random
 import sys
@@ -142,6 +143,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 COMPONENTS = ("tokenizer", "world_model", "actor_critic")
 BF16_MODES = ("cuda", "always", "never")
 CHECKPOINT_KEYS = ("config", "game", "num_actions", "agent")  # what Agent.checkpoint_dict always writes
+CHECKPOINT = "checkpoint.pt"  # a run directory's last complete epoch (train.py writes it at the end of every epoch)
+PREVIOUS = "checkpoint.prev.pt"  # the epoch before it: resume falls back to it when CHECKPOINT is unreadable
+CORRUPT = "checkpoint.corrupt.pt"  # an unreadable CHECKPOINT, kept aside for inspection after a fallback
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 
 
@@ -277,17 +281,17 @@ class Agent(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: one reader, one validator
+# Checkpoints: one reader (with a run directory's fallback to the epoch before), one validator
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and validate an iris checkpoint: a run directory holding checkpoint.pt, or the .pt file itself."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(
-            f"no checkpoint at {path}: give a run directory holding checkpoint.pt "
+            f"no checkpoint at {path}: give a run directory holding {CHECKPOINT} "
             "(written by train.py every epoch) or the path of a .pt checkpoint"
         )
     try:
@@ -303,6 +307,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not an iris checkpoint (it lacks {', '.join(missing)}); "
             "a checkpoint of the authors' code loads with --authors_checkpoint"
         )
+    return checkpoint
+
+
+def load_run_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """A run directory's CHECKPOINT, or PREVIOUS when CHECKPOINT is missing or unreadable (one line says so; the bad
+    file is kept aside as CORRUPT, so that the next save does not make it the fallback)."""
+    path, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
+    try:
+        return load_checkpoint(path)
+    except (CheckpointError, FileNotFoundError) as error:
+        if not previous.is_file():
+            raise
+        reason = "missing" if isinstance(error, FileNotFoundError) else str(error.__cause__ or error).splitlines()[0]
+    try:
+        checkpoint = load_checkpoint(previous)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path} ({reason}) and {previous} are both unreadable ({error.__cause__ or error})")
+    kept = ""
+    if path.is_file():
+        os.replace(path, run_dir / CORRUPT)
+        kept = f"; the bad file is kept as {CORRUPT}"
+    print(
+        f"{CHECKPOINT} is unreadable ({reason}): resuming from {PREVIOUS}, epoch {checkpoint['epoch']} "
+        f"({checkpoint['env_steps']} env steps){kept}",
+        flush=True,
+    )
     return checkpoint
 
 
@@ -333,6 +363,19 @@ def check_checkpoint(
                 f"{source}: its config differs from its run's config.json in "
                 f"{', '.join(differing[:8])}; this checkpoint belongs to another run"
             )
+
+
+def config_json_edits(path: Path, config: dict[str, Any]) -> str:
+    """How a run's config.json differs from its checkpoint's config dict ('' when it does not): train.py's resume
+    warns and rewrites it, where check_checkpoint refuses a checkpoint of another run."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return f"unreadable: {error}"
+    if not isinstance(recorded, dict):
+        return "not a JSON object"
+    edits = differing_keys(recorded, config)
+    return ", ".join(f"{key} {flat_value(recorded, key)!r} instead of {flat_value(config, key)!r}" for key in edits)
 
 
 RUN_SPECIFIC_KEYS = ("device", "out")  # config.json fields that may differ from the checkpoint's (--device on resume)
@@ -554,6 +597,17 @@ def config_from_args(args: argparse.Namespace) -> IRISConfig:
     for name, value in PRESETS[args.preset].items():
         set_field(config, name, value)
     apply_overrides(config, config_overrides(args))
+    return config
+
+
+def config_from_checkpoint(checkpoint: dict[str, Any], overrides: dict[str, Any]) -> IRISConfig:
+    """The config a run's checkpoint stores, then the flags given on resume (train.py: --epochs N, a longer run),
+    validated: a run cannot be cut below the epochs it has done."""
+    config = config_from_dict(checkpoint["config"])
+    apply_overrides(config, overrides)
+    validate_config(config)
+    if config.epochs < checkpoint["epoch"]:
+        raise ConfigError(f"the run has done {checkpoint['epoch']} epochs: --epochs {config.epochs} cannot undo them")
     return config
 
 

@@ -10,6 +10,7 @@ sampling is a single gather (100k steps of 3x64x64 frames are 1.2 GB).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -54,6 +55,18 @@ def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Rows as CSV with a header, a column per name in columns (other keys left out), to a temporary file, then
+    rename, as write_json."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
     os.replace(tmp, path)
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -33,21 +31,20 @@ from tqdm import tqdm
 
 from actor_critic import actor_critic_loss, imagine
 from agent import (
+    CHECKPOINT,
     COMPONENTS,
+    PREVIOUS,
     Agent,
-    CheckpointError,
     CLIParser,
-    ConfigError,
     IRISConfig,
     add_config_flags,
-    apply_overrides,
     config_from_args,
-    config_from_dict,
+    config_from_checkpoint,
+    config_json_edits,
     config_overrides,
     cpu_time_warning,
     differing_keys,
-    flat_value,
-    load_checkpoint,
+    load_run_checkpoint,
     pick_device,
     rng_states,
     set_rng_states,
@@ -57,7 +54,7 @@ from agent import (
     write_video,
 )
 from env import canonical_game, make_env
-from replay import ReplayBuffer, atomic_save, write_json
+from replay import ReplayBuffer, atomic_save, write_csv, write_json
 from world_model import WorldModelEnv
 
 EVAL_SEED_OFFSET = 10_000  # test envs draw other no-op starts than the training env's seeds
@@ -309,9 +306,6 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 LOCK_FILE = ".lock"  # flock-ed by the process writing the run, which writes its PID in it
-CHECKPOINT = "checkpoint.pt"  # the last complete epoch
-PREVIOUS = "checkpoint.prev.pt"  # the epoch before it: resume falls back to it when CHECKPOINT is unreadable
-CORRUPT = "checkpoint.corrupt.pt"  # an unreadable CHECKPOINT, kept aside for inspection after a fallback
 FINAL_EVAL = "final_eval.json"  # written at the end of the last epoch: the run is complete
 SCHEDULE_FIELDS = ("epochs", "collection_epochs")  # the fields --resume may change: a finished run goes on
 STOP: dict[str, Any] = {"signal": None, "deferred": False, "pid": None}  # SIGINT/SIGTERM received, a save under way
@@ -356,12 +350,7 @@ def save_run(run: Run) -> None:
     state["optimizers"] = {name: optimizer.state_dict() for name, optimizer in run.optimizers.items()}
     atomic_save(run.agent.checkpoint_dict(**state), run.run_dir / CHECKPOINT, previous=run.run_dir / PREVIOUS)
     columns = dict.fromkeys(k for row in run.history for k, v in row.items() if not isinstance(v, list))
-    tmp = run.run_dir / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(run.history)
-    os.replace(tmp, run.run_dir / "metrics.csv")
+    write_csv(run.run_dir / "metrics.csv", run.history, list(columns))
 
 
 def open_run_dir(run_dir: Path, fresh: bool, overwrite: bool = False) -> None:
@@ -419,7 +408,7 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run | 
             f"nothing to resume in {run_dir}: it holds no {CHECKPOINT} (train.py writes one at the end of every epoch)"
         )
     open_run_dir(run_dir, fresh=False)
-    checkpoint = read_checkpoint(run_dir)
+    checkpoint = load_run_checkpoint(run_dir)
     config = extend_run(run_dir, checkpoint, {k: v for k, v in overrides.items() if k in SCHEDULE_FIELDS})
     if checkpoint["epoch"] >= config.epochs and (run_dir / FINAL_EVAL).is_file():
         print(
@@ -443,41 +432,11 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run | 
     return run
 
 
-def read_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """CHECKPOINT, or PREVIOUS when CHECKPOINT is missing or unreadable (one line says so; the bad file is kept
-    aside as CORRUPT, so that the next save does not make it the fallback)."""
-    path, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
-    try:
-        return load_checkpoint(path)
-    except (CheckpointError, FileNotFoundError) as error:
-        if not previous.is_file():
-            raise
-        reason = "missing" if isinstance(error, FileNotFoundError) else str(error.__cause__ or error).splitlines()[0]
-    try:
-        checkpoint = load_checkpoint(previous)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path} ({reason}) and {previous} are both unreadable ({error.__cause__ or error})")
-    kept = ""
-    if path.is_file():
-        os.replace(path, run_dir / CORRUPT)
-        kept = f"; the bad file is kept as {CORRUPT}"
-    print(
-        f"{CHECKPOINT} is unreadable ({reason}): resuming from {PREVIOUS}, epoch {checkpoint['epoch']} "
-        f"({checkpoint['env_steps']} env steps){kept}",
-        flush=True,
-    )
-    return checkpoint
-
-
 def extend_run(run_dir: Path, checkpoint: dict[str, Any], schedule: dict[str, Any]) -> IRISConfig:
     """The run's config: the checkpoint's, with the new schedule fields if any (written into the checkpoint and
     config.json before anything trains). An edited config.json is rewritten from the checkpoint, with a warning."""
     before = checkpoint["config"]
-    config = config_from_dict(before)
-    apply_overrides(config, schedule)
-    validate_config(config)
-    if config.epochs < checkpoint["epoch"]:
-        raise ConfigError(f"the run has done {checkpoint['epoch']} epochs: --epochs {config.epochs} cannot undo them")
+    config = config_from_checkpoint(checkpoint, schedule)
     edited = config_json_edits(run_dir / "config.json", before)
     changed = differing_keys(asdict(config), before)
     if changed:
@@ -496,18 +455,6 @@ def extend_run(run_dir: Path, checkpoint: dict[str, Any], schedule: dict[str, An
     if edited or changed:
         write_json(run_dir / "config.json", asdict(config))
     return config
-
-
-def config_json_edits(path: Path, config: dict[str, Any]) -> str:
-    """How config.json differs from the config dict: '' when it does not."""
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        return f"unreadable: {error}"
-    if not isinstance(recorded, dict):
-        return "not a JSON object"
-    edits = differing_keys(recorded, config)
-    return ", ".join(f"{key} {flat_value(recorded, key)!r} instead of {flat_value(config, key)!r}" for key in edits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
