@@ -4,6 +4,8 @@
     python learn.py world_model    # stage 2: G (Section 2.2, Eqs. (1)-(3), Appendix A.2) on the stage-1 tokens
     python learn.py curve --runs runs/boxing_small_s0 [...]   # stage 3: train.py's runs (Algorithm 1) against
                                                             # a random policy: a table and a learning-curve PNG
+    python learn.py run_world_model --runs runs/boxing_small_s0   # does a run's G generalise? a fresh G on the
+                                                            # run's first steps, measured on its last 1,000
 
 Data: a random policy (each action kept with probability ACTION_KEEP_PROB, so the paddle travels) plays the
 training env of env.py (episodes end on game over in Pong, which has no lives); a second seed gives held-out
@@ -19,12 +21,13 @@ import argparse
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from agent import CLIParser
+from agent import CHECKPOINT, Agent, CLIParser
 from env import EnvConfig, make_env, run_episodes
 from replay import ReplayBuffer, atomic_save, write_json
 from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig
@@ -51,6 +54,7 @@ GIF_MS = 100  # milliseconds per frame of the GIF
 ENCODE_BATCH = 256  # frames per tokenizer call when encoding the data sets
 MAX_GRAD_NORM = 10.0  # gradient clipping, Table 5
 ADAM_BETAS = (0.9, 0.999)  # Adam β1, β2, Table 5
+HELDOUT_RUN_STEPS = 1_000  # run_world_model: the last steps of a run's dataset, which the fresh G never sees
 RANDOM_EPISODES = 32  # episodes of the random policy that stage 3's curve compares with
 Z_95 = 1.96  # 95% two-sided normal quantile
 
@@ -269,8 +273,36 @@ def fixed_segments(buffer: ReplayBuffer, tokens: torch.Tensor, length: int) -> d
     data = {name: buffer._data[name][: len(buffer)][steps] for name in ("actions", "rewards", "ends")}
     data["ends"] = data["ends"].long()
     data["tokens"] = tokens[steps]  # (S, T, K)
+    data["start"] = index  # (S,)
     data["mask"] = torch.ones_like(data["ends"], dtype=torch.bool)
     return data
+
+
+def run_world_model(args: argparse.Namespace) -> None:
+    """Does G generalise? A fresh G of a train.py run's config, on the run's frozen tokens: trained on its dataset's
+    first steps and measured on its last --heldout_steps, which it never sees (the run's own G trained on them)."""
+    if len(args.runs) != 1:
+        raise SystemExit("learn.py run_world_model: give one train.py run directory with --runs DIR")
+    run_dir = Path(args.runs[0])
+    agent = Agent.load(run_dir / CHECKPOINT, device="cpu").eval()
+    buffer = ReplayBuffer.load(run_dir / "replay")
+    config = agent.config.world_model
+    if args.dropout is not None:  # the paper's 0.1 on all three (Table 4); the small preset has none
+        config = replace(config, embed_dropout=args.dropout, attn_dropout=args.dropout, resid_dropout=args.dropout)
+    split = len(buffer) - args.heldout_steps
+    if split < config.max_timesteps or args.heldout_steps < config.max_timesteps:
+        raise SystemExit(f"{run_dir}: {len(buffer)} steps cannot give --heldout_steps {args.heldout_steps} held out")
+    with torch.no_grad():
+        tokens = torch.cat([agent.tokenizer.encode(chunk) for chunk in buffer.observations.split(256)])  # (N, K)
+    segments = fixed_segments(buffer, tokens, config.max_timesteps)
+    heldout_data = {k: v[segments["start"] >= split] for k, v in segments.items()}
+    own = world_model_metrics(agent.world_model, heldout_data)
+    print("the run's own G, on the held-out segments: " + ", ".join(f"{k} {v:.3f}" for k, v in own.items()))
+    buffer.truncate(split)
+    torch.manual_seed(args.seed)
+    tokenizer, wm = agent.config.tokenizer, agent.world_model
+    model = WorldModel(config, tokenizer.vocab_size, wm.tokens_per_frame, agent.num_actions)
+    fit_world_model(model, buffer, tokens, heldout_data, args, Path(args.out) / "run_world_model_metrics.csv")
 
 
 @torch.no_grad()
@@ -332,8 +364,25 @@ def train_world_model(args: argparse.Namespace) -> None:
     )
     num_actions = int(train._data["actions"][: len(train)].max()) + 1
     model = WorldModel(config, tokenizer.config.vocab_size, tokenizer.config.tokens_per_frame, num_actions)
-    optimizer = model.configure_optimizer(args.lr, ADAM_BETAS)
     heldout_data = fixed_segments(heldout, tokens["heldout"], config.max_timesteps)
+    fit_world_model(model, train, tokens["train"], heldout_data, args, out / "world_model_metrics.csv")
+    atomic_save({"config": config.__dict__, "model": model.state_dict()}, out / "world_model.pt")
+    save_dream(tokenizer, model, heldout, tokens["heldout"], out / "dream.gif", args.seed)
+    print(f"saved {out / 'world_model.pt'}, {out / 'dream.gif'}")
+
+
+def fit_world_model(
+    model: WorldModel,
+    train: ReplayBuffer,
+    tokens: torch.Tensor,
+    heldout_data: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    path: Path,
+) -> None:
+    """--steps AdamW steps of G on segments of train (tokens (len(train), K)), measured on the held-out segments
+    every --eval_every steps: a table printed and written to path."""
+    config = model.config
+    optimizer = model.configure_optimizer(args.lr, ADAM_BETAS)
     print(
         f"world model {config}\n{sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch}, "
         f"lr {args.lr}; held-out: {len(heldout_data['tokens'])} segments of {config.max_timesteps} steps, "
@@ -351,7 +400,7 @@ def train_world_model(args: argparse.Namespace) -> None:
         "end_precision",
         "end_recall",
     ]
-    table = Table(columns, out / "world_model_metrics.csv")
+    table = Table(columns, path)
     start = time.time()
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
@@ -366,15 +415,12 @@ def train_world_model(args: argparse.Namespace) -> None:
             )
         if last:
             break
-        batch = segment_batch(train, tokens["train"], args.batch, config.max_timesteps)
+        batch = segment_batch(train, tokens, args.batch, config.max_timesteps)
         losses = model.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["ends"], batch["mask"])
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
-    atomic_save({"config": config.__dict__, "model": model.state_dict()}, out / "world_model.pt")
-    save_dream(tokenizer, model, heldout, tokens["heldout"], out / "dream.gif", args.seed)
-    print(f"saved {out / 'world_model.pt'}, {out / 'dream.gif'}")
 
 
 @torch.no_grad()
@@ -512,7 +558,9 @@ def learning_curve(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CLIParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES), help="stage 1, 2 (needs stage 1's outputs) or 3 (curve)")
+    parser.add_argument(
+        "stage", choices=sorted(STAGES), help="stage 1, 2 (needs stage 1's outputs), 3 (curve) or a run's G"
+    )
     parser.add_argument("--game", default=GAME)
     parser.add_argument("--out", default="runs/learn", help="data, checkpoints, pictures and metrics")
     parser.add_argument("--seed", type=int, default=0)
@@ -534,6 +582,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loop = parser.add_argument_group("stage 3: curve of train.py runs")
     loop.add_argument("--runs", nargs="*", default=[], help="train.py run directories")
     loop.add_argument("--random_episodes", type=int, default=RANDOM_EPISODES, help="episodes of the random policy")
+    loop.add_argument(
+        "--heldout_steps", type=int, default=HELDOUT_RUN_STEPS, help="run_world_model: last steps kept out"
+    )
+    loop.add_argument("--dropout", type=float, default=None, help="run_world_model: G's dropout (default: the run's)")
     args = parser.parse_args(argv)
     stage_defaults = STAGE_DEFAULTS.get(args.stage, {})
     for name, value in stage_defaults.items():
@@ -545,6 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 STAGE_DEFAULTS = {
     "tokenizer": {"steps": 1_000, "eval_every": 100, "batch": 16, "lr": 1e-3},
     "world_model": {"steps": 3_000, "eval_every": 200, "batch": 16, "lr": 1e-3},
+    "run_world_model": {"steps": 3_000, "eval_every": 250, "batch": 32, "lr": 3e-4},  # the small preset's G
 }
 
 
@@ -555,7 +608,12 @@ def main(argv: list[str] | None = None) -> None:
     STAGES[args.stage](args)
 
 
-STAGES = {"tokenizer": train_tokenizer, "world_model": train_world_model, "curve": learning_curve}
+STAGES = {
+    "tokenizer": train_tokenizer,
+    "world_model": train_world_model,
+    "curve": learning_curve,
+    "run_world_model": run_world_model,
+}
 
 
 if __name__ == "__main__":

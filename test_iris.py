@@ -1906,6 +1906,30 @@ def test_learn_curve_reads_a_runs_evaluations_and_plays_a_random_policy_under_it
     assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_learn_run_world_model_holds_out_the_runs_last_steps(train_tiny_run, tmp_path, capsys):
+    """learn.py run_world_model: a fresh G of the run's config on the run's first steps, scored on its last
+    --heldout_steps; the copy baseline is that of the held-out tiles alone, worked out here from the frames."""
+    import learn
+
+    run_dir, _ = train_tiny_run
+    args = ["--runs", str(run_dir), "--out", str(tmp_path), "--steps", "2", "--eval_every", "1", "--heldout_steps"]
+    learn.main(["run_world_model", *args, "100"])
+    rows = list(csv.DictReader((tmp_path / "run_world_model_metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    agent = agent_lib.Agent.load(run_dir / "checkpoint.pt", device="cpu").eval()
+    replay = ReplayBuffer.load(run_dir / "replay")  # 300 steps in 6 epochs of 50, no episode end
+    L = agent.config.world_model.max_timesteps
+    assert len(replay) == 300 and not replay._data["ends"][:300].any()
+    with torch.no_grad():
+        z = agent.tokenizer.encode(replay.observations[200:])  # (100, K): the held-out steps
+    tiles = z[100 % L :].view(-1, L, z.size(1))  # tiled backwards from the last step: whole segments only
+    copy = (tiles[:, 1:] == tiles[:, :-1]).float().mean().item()
+    assert float(rows[0]["copy_acc"]) == pytest.approx(copy, abs=1e-4)
+    assert "the run's own G, on the held-out segments: token_acc " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot give --heldout_steps 300 held out"):
+        learn.main(["run_world_model", *args, "300"])
+
+
 def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     run_dir, proc = train_tiny_run
     for name in ["config.json", "metrics.csv", "checkpoint.pt", "final_eval.json"]:
