@@ -289,6 +289,14 @@ def run_world_model(args: argparse.Namespace) -> None:
     config = agent.config.world_model
     if args.dropout is not None:  # the paper's 0.1 on all three (Table 4); the small preset has none
         config = replace(config, embed_dropout=args.dropout, attn_dropout=args.dropout, resid_dropout=args.dropout)
+    # G's batch and learning rate default to the run's own (its world_model_batch_size and learning_rate)
+    args = argparse.Namespace(
+        **{
+            **vars(args),
+            "batch": args.batch or agent.config.world_model_batch_size,
+            "lr": args.lr or agent.config.learning_rate,
+        }
+    )
     split = len(buffer) - args.heldout_steps
     if split < config.max_timesteps or args.heldout_steps < config.max_timesteps:
         raise SystemExit(f"{run_dir}: {len(buffer)} steps cannot give --heldout_steps {args.heldout_steps} held out")
@@ -597,7 +605,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 STAGE_DEFAULTS = {
     "tokenizer": {"steps": 1_000, "eval_every": 100, "batch": 16, "lr": 1e-3},
     "world_model": {"steps": 3_000, "eval_every": 200, "batch": 16, "lr": 1e-3},
-    "run_world_model": {"steps": 3_000, "eval_every": 250, "batch": 32, "lr": 3e-4},  # the small preset's G
+    "run_world_model": {"steps": 3_000, "eval_every": 250},  # batch and lr: the run's own
 }
 
 
