@@ -1,6 +1,7 @@
 """The IRIS agent and what every entry point shares: the config of Tables 2-6 (Appendix A), presets, the Agent
 (E, D, G, π, V of Sections 2.1-2.3) with act, test episodes and save/load, checkpoint reading and validation, device
-choice (with a warning when a CPU would train for days), and the config fields as command-line flags.
+choice (with a warning when a CPU would train for days), stop signals that wait for a save, and the config fields
+as command-line flags.
 
     agent = Agent.load("runs/Pong-.../checkpoint.pt")          # rebuild from a checkpoint alone
     actions = agent.act(frames, first, temperature=0.5)          # frames (n, 64, 64, 3) uint8
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import ctypes
 import dataclasses
 import inspect
@@ -19,10 +21,11 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import textwrap
 import tokenize
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -181,6 +184,11 @@ class Agent(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def describe(self) -> str:
+        """The device and each component's size, as train.py prints them: "device cpu | tokenizer 1.09M params | ..."."""
+        sizes = {name: sum(p.numel() for p in getattr(self, name).parameters()) / 1e6 for name in COMPONENTS}
+        return " | ".join([f"device {self.device}"] + [f"{name} {size:.2f}M params" for name, size in sizes.items()])
 
     def autocast(self) -> torch.autocast:
         """bf16 autocast for forward passes, where config.bf16 asks for it on this device; else a no-op."""
@@ -393,7 +401,7 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> li
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Process: device (and a warning when a CPU would train for days), seeds, memory
+# Process: device (and a warning when a CPU would train for days), seeds, memory, stop signals
 
 
 def pick_device(name: str) -> torch.device:
@@ -449,6 +457,38 @@ def reuse_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # another C library (musl) has no mallopt
         return False
+
+
+STOP: dict[str, Any] = {"signal": None, "deferred": False, "pid": None}  # SIGINT/SIGTERM received, a save under way
+
+
+def catch_stop_signals() -> None:
+    """SIGINT and SIGTERM stop this process (KeyboardInterrupt), or right after the `deferred_signals` block under
+    way, so that an entry point's save is never cut in half."""
+    STOP["pid"] = os.getpid()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+
+
+def on_signal(signum: int, frame: Any) -> None:
+    """SIGINT or SIGTERM: stop now, or right after the save under way; a second signal exits at once."""
+    if STOP["signal"] is not None or os.getpid() != STOP["pid"]:  # or in a forked env worker: it just ends
+        os._exit(128 + signum)
+    STOP["signal"] = signum
+    if not STOP["deferred"]:
+        raise KeyboardInterrupt  # the entry point's main() turns it into one line
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """A SIGINT or SIGTERM received in the block stops the run when the block is done."""
+    STOP["deferred"] = True
+    try:
+        yield
+    finally:
+        STOP["deferred"] = False
+    if STOP["signal"] is not None:
+        raise KeyboardInterrupt
 
 
 # Seconds of one training step of each component at the paper config (batches 256, 64, 64) on a 2-core Xeon CPU,

@@ -7,6 +7,7 @@ TEST_SETTINGS); nothing is downloaded and nothing we own is mocked. GPU-only tes
 import collections
 import contextlib
 import csv
+import fcntl
 import io
 import itertools
 import json
@@ -170,6 +171,22 @@ def start_script(script: str, *args: str, **kwargs) -> subprocess.Popen:
     """The same, left running: for the tests that signal, kill or race it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO, env=env, **kwargs)
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that `build` fills once per session, even with pytest-xdist: the first worker to ask builds it under
+    a lock while another waits for it, then all read it. For the fixtures that train a run (tens of seconds each)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # this session's folder, shared by workers
+    folder, built = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if not built.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a build that failed left
+            folder.mkdir()
+            build(folder)
+            built.touch()
+    return folder
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -1874,14 +1891,18 @@ def test_train_help_shows_each_fields_comment(capsys):
         assert re.search(rf"--{re.escape(name)} {type(default).__name__} (?!\(default )\S", text), name
 
 
-@pytest.fixture(scope="module")
-def train_tiny_run(tmp_path_factory):
+@pytest.fixture(scope="session")
+def train_tiny_run(tmp_path_factory) -> tuple[Path, str]:
     """The command line's smoke test: a complete run of the tests' tiny config on real Pong, long enough for all three
-    phases (delays 1, 3, 5). Tests that only read a finished run read this one."""
-    run_dir = tmp_path_factory.mktemp("train") / "run"
-    proc = run_script("train.py", *TINY_FLAGS, "--epochs", "6", "--out", str(run_dir))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, proc
+    phases (delays 1, 3, 5); (run directory, what train.py printed). Tests that only read a finished run read this."""
+
+    def build(folder: Path) -> None:
+        proc = run_script("train.py", *TINY_FLAGS, "--epochs", "6", "--out", str(folder / "run"))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (folder / "stdout.txt").write_text(proc.stdout)
+
+    folder = built_once(tmp_path_factory, "train_tiny_run", build)
+    return folder / "run", (folder / "stdout.txt").read_text()
 
 
 def test_learn_curve_reads_a_runs_evaluations_and_plays_a_random_policy_under_its_protocol(
@@ -1931,7 +1952,7 @@ def test_learn_run_world_model_holds_out_the_runs_last_steps(train_tiny_run, tmp
 
 
 def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
-    run_dir, proc = train_tiny_run
+    run_dir, stdout = train_tiny_run
     for name in ["config.json", "metrics.csv", "checkpoint.pt", "final_eval.json"]:
         assert (run_dir / name).is_file(), name
     # The dataset is appended to: each epoch's save wrote one chunk of its 50 new steps, never the whole dataset.
@@ -1960,7 +1981,7 @@ def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     final = json.loads((run_dir / "final_eval.json").read_text())
     assert final["game"] == "Pong" and len(final["returns"]) == 1 and -21 <= final["mean_return"] <= 21
     assert json.loads((run_dir / "config.json").read_text())["tokenizer"]["vocab_size"] == 64
-    assert "epoch 6 | env_steps 300" in proc.stdout
+    assert "epoch 6 | env_steps 300" in stdout
 
 
 def test_train_checkpoint_loads_into_a_fresh_agent_that_acts(train_tiny_run):
@@ -2793,10 +2814,9 @@ def test_train_stops_cleanly_on_a_signal_and_resumes(tmp_path, signum, code):
 
 def test_train_defers_a_signal_during_a_save_and_a_second_one_forces_the_exit():
     script = (
-        "import os, signal, time, train\n"
-        "train.STOP['pid'] = os.getpid()\n"
-        "signal.signal(signal.SIGINT, train.on_signal)\n"
-        "with train.deferred_signals():\n"
+        "import time, agent\n"
+        "agent.catch_stop_signals()\n"
+        "with agent.deferred_signals():\n"
         "    print('saving', flush=True)\n"
         "    time.sleep(30)\n"
     )
@@ -2875,12 +2895,15 @@ def _sweep_main(*args: str) -> str:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory):
+@pytest.fixture(scope="session")
+def finished_sweep(tmp_path_factory) -> tuple[Path, str]:
     """Pong and Breakout x seeds 0 and 1 through the local executor, to the end; (sweep dir, what it printed)."""
-    sweep_dir = tmp_path_factory.mktemp("sweep") / "two"
-    printed = _sweep_main(*SWEEP_TWO_BY_TWO, "--out", str(sweep_dir))
-    return sweep_dir, printed
+
+    def build(folder: Path) -> None:
+        (folder / "printed.txt").write_text(_sweep_main(*SWEEP_TWO_BY_TWO, "--out", str(folder / "two")))
+
+    folder = built_once(tmp_path_factory, "finished_sweep", build)
+    return folder / "two", (folder / "printed.txt").read_text()
 
 
 def _sweep_epochs_and_steps(run_dir: Path) -> tuple[list[int], list[int], int, int, int]:
@@ -3085,12 +3108,13 @@ REL_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def rel_finished_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("rel") / "run"
-    proc = run_script("train.py", *REL_RUN, "--out", str(run_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+    def build(folder: Path) -> None:
+        proc = run_script("train.py", *REL_RUN, "--out", str(folder / "run"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "rel_finished_run", build) / "run"
 
 
 def _rel_copy(run_dir: Path, tmp_path: Path) -> Path:

@@ -30,29 +30,10 @@ import torch
 from tqdm import tqdm
 
 from actor_critic import actor_critic_loss, imagine
-from agent import (
-    CHECKPOINT,
-    COMPONENTS,
-    PREVIOUS,
-    Agent,
-    CLIParser,
-    IRISConfig,
-    add_config_flags,
-    config_from_args,
-    config_from_checkpoint,
-    config_json_edits,
-    config_overrides,
-    cpu_time_warning,
-    differing_keys,
-    load_run_checkpoint,
-    pick_device,
-    rng_states,
-    set_rng_states,
-    set_seed,
-    setup_process,
-    validate_config,
-    write_video,
-)
+from agent import CHECKPOINT, PREVIOUS, Agent, IRISConfig, config_from_checkpoint, config_json_edits, differing_keys
+from agent import load_run_checkpoint, pick_device, rng_states, set_rng_states, set_seed, setup_process
+from agent import CLIParser, add_config_flags, config_from_args, config_overrides, cpu_time_warning, validate_config
+from agent import STOP, catch_stop_signals, deferred_signals, write_video
 from env import canonical_game, make_env
 from replay import ReplayBuffer, atomic_save, write_csv, write_json
 from world_model import WorldModelEnv
@@ -308,28 +289,6 @@ def summary_line(metrics: dict[str, Any]) -> str:
 LOCK_FILE = ".lock"  # flock-ed by the process writing the run, which writes its PID in it
 FINAL_EVAL = "final_eval.json"  # written at the end of the last epoch: the run is complete
 SCHEDULE_FIELDS = ("epochs", "collection_epochs")  # the fields --resume may change: a finished run goes on
-STOP: dict[str, Any] = {"signal": None, "deferred": False, "pid": None}  # SIGINT/SIGTERM received, a save under way
-
-
-def on_signal(signum: int, frame: Any) -> None:
-    """SIGINT or SIGTERM: stop now, or right after the save under way; a second signal exits at once."""
-    if STOP["signal"] is not None or os.getpid() != STOP["pid"]:  # or in a forked env worker: it just ends
-        os._exit(128 + signum)
-    STOP["signal"] = signum
-    if not STOP["deferred"]:
-        raise KeyboardInterrupt  # main() turns it into one line
-
-
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """A SIGINT or SIGTERM received in the block stops the run when the block is done."""
-    STOP["deferred"] = True
-    try:
-        yield
-    finally:
-        STOP["deferred"] = False
-    if STOP["signal"] is not None:
-        raise KeyboardInterrupt
 
 
 def stop_line(run: Run | None, resumed: str | None) -> str:
@@ -488,20 +447,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if config is not None:
             validate_config(config)  # before anything is written
-        STOP["pid"] = os.getpid()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, on_signal)
+        catch_stop_signals()
         run = resume_run(Path(args.resume), config_overrides(args)) if args.resume else new_run(config, args.overwrite)
         if run is None:  # a complete run: nothing to do
             return
         setup_process(run.config, run.agent.device)
         if warning := cpu_time_warning(run.config, run.agent.device, run.epoch):
             print(warning, file=sys.stderr, flush=True)
-        sizes = {name: sum(p.numel() for p in getattr(run.agent, name).parameters()) / 1e6 for name in COMPONENTS}
-        print(
-            f"run directory: {run.run_dir} | game {run.config.game} | device {run.agent.device} | "
-            + " | ".join(f"{name} {size:.2f}M params" for name, size in sizes.items())
-        )
+        print(f"run directory: {run.run_dir} | game {run.config.game} | {run.agent.describe()}")
         training_loop(run)
     except BaseException as error:
         if STOP["signal"] is not None:  # the stop, or an error it caused (in an env worker it ended)
