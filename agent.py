@@ -144,6 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # fmt: on
 
 COMPONENTS = ("tokenizer", "world_model", "actor_critic")
+TEST_EPSILON = 0.0  # no ε-greedy in test episodes (Section 3.2; Table 5's ε = 0.01 is for collection)
 BF16_MODES = ("cuda", "always", "never")
 CHECKPOINT_KEYS = ("config", "game", "num_actions", "agent")  # what Agent.checkpoint_dict always writes
 CHECKPOINT = "checkpoint.pt"  # a run directory's last complete epoch (train.py writes it at the end of every epoch)
@@ -237,7 +238,7 @@ class Agent(torch.nn.Module):
         self.state = None
 
         def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:
-            return self.act(obs, first, temperature, epsilon=0.0)
+            return self.act(obs, first, temperature, epsilon=TEST_EPSILON)
 
         game, env, num_envs = self.config.game, self.config.env, num_envs or self.config.eval_envs
         returns = run_episodes(

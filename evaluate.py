@@ -68,9 +68,6 @@ class EvalConfig:
     record_fps: int = 15  # 60 Hz Atari / frame skip 4
 
 
-TEST_EPSILON = 0.0  # no ε-greedy at test time (Agent.play_test_episodes; Table 5's ε = 0.01 is for collection)
-
-
 class EvaluationError(ValueError):
     """Bad input that evaluate.py refuses, with a message for the user."""
 
@@ -473,6 +470,8 @@ def summarize_returns(
     game: str, returns: list[float], config: EvalConfig, temperature: float, scores: dict | None = None
 ) -> dict:
     """Mean return with a bootstrap CI and the HNS (or the reason there is none), as written to eval.json."""
+    from agent import TEST_EPSILON  # what Agent.play_test_episodes played with
+
     rng = np.random.default_rng(config.seed)
     mean_return = float(np.mean(returns))
     low, high = bootstrap_mean_ci(returns, rng, config.bootstrap_reps, config.confidence)

@@ -208,7 +208,7 @@ def train_tokenizer(args: argparse.Namespace) -> None:
         "distinct_frames",
     ]
     table = Table(columns, out / "tokenizer_metrics.csv")
-    start = time.time()
+    start, loss = time.time(), float("nan")  # loss: the last training batch's (none before step 1)
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
         if step % args.eval_every == 0 or last:
@@ -216,7 +216,7 @@ def train_tokenizer(args: argparse.Namespace) -> None:
                 {
                     "step": step,
                     "minutes": (time.time() - start) / 60,
-                    "loss": losses["total"].item() if step else float("nan"),
+                    "loss": loss,
                     **tokenizer_metrics(tokenizer, eval_frames, median),
                 }
             )
@@ -227,6 +227,7 @@ def train_tokenizer(args: argparse.Namespace) -> None:
         losses = tokenizer.loss(train.sample_frames(args.batch))
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
+        loss = losses["total"].item()
         torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), MAX_GRAD_NORM)
         optimizer.step()
     atomic_save({"config": config.__dict__, "model": tokenizer.state_dict()}, out / "tokenizer.pt")
@@ -409,7 +410,7 @@ def fit_world_model(
         "end_recall",
     ]
     table = Table(columns, path)
-    start = time.time()
+    start, loss = time.time(), float("nan")  # loss: the last training batch's (none before step 1)
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
         if step % args.eval_every == 0 or last:
@@ -417,7 +418,7 @@ def fit_world_model(
                 {
                     "step": step,
                     "minutes": (time.time() - start) / 60,
-                    "loss": losses["total"].item() if step else float("nan"),
+                    "loss": loss,
                     **world_model_metrics(model, heldout_data),
                 }
             )
@@ -427,6 +428,7 @@ def fit_world_model(
         losses = model.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["ends"], batch["mask"])
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
+        loss = losses["total"].item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
 
