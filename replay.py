@@ -11,6 +11,7 @@ sampling is a single gather (100k steps of 3x64x64 frames are 1.2 GB).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -50,24 +51,29 @@ def atomic_save(obj: Any, path: str | Path, previous: str | Path | None = None) 
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """JSON to a temporary file, then rename: a kill leaves the old file or the new, never half of one."""
+def write_text(path: str | Path, text: str) -> None:
+    """Text to a temporary file, fsync, then rename: a kill or a power cut leaves the old file or the new, never
+    half of one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    with open(tmp, "w", newline="") as f:  # newline="": the text's line ends as they are (csv writes \r\n)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Rows as CSV with a header, a column per name in columns (other keys left out), to a temporary file, then
-    rename, as write_json."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    """Rows as CSV with a header, a column per name in columns (other keys left out), written as write_text does."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 def keep_previous(path: Path, previous: Path) -> None:
