@@ -80,6 +80,7 @@ def training_loop(run: Run) -> None:
         with timed(metrics, "world_model"):
             metrics.update(update_world_model(run, epoch, "tokenizer"))  # update E and D
             run.tokens = encode_dataset(run, epoch)  # z_t = E(x_t) of every stored frame: E is frozen until next epoch
+            metrics.update(token_usage(run.tokens))
             metrics.update(update_world_model(run, epoch, "world_model"))  # update G
         with timed(metrics, "behavior"):
             metrics.update(update_behavior(run, epoch))
@@ -215,6 +216,17 @@ def encode_dataset(run: Run, epoch: int) -> torch.Tensor | None:
     with run.agent.autocast():
         chunks = [tokenizer.encode(frames[i : i + size].to(run.agent.device)) for i in range(0, len(frames), size)]
     return torch.cat(chunks)
+
+
+def token_usage(tokens: torch.Tensor | None) -> dict[str, float]:
+    """Codes in use and the share of distinct token maps among stored frames: a tokenizer that has not yet learned
+    the objects gives most frames the same few codes, and then G and imagination cannot show them either."""
+    if tokens is None:
+        return {}
+    return {
+        "tokenizer/codes_used": tokens.unique().numel(),
+        "tokenizer/distinct_frames": len(tokens.unique(dim=0)) / len(tokens),
+    }
 
 
 @torch.no_grad()
