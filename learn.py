@@ -6,6 +6,7 @@
                                                             # a random policy: a table and a learning-curve PNG
     python learn.py run_world_model --runs runs/boxing_small_s0   # does a run's G generalise? a fresh G on the
                                                             # run's first steps, measured on its last 1,000
+    python learn.py run_tokenizer --runs runs/boxing_small_s0     # how soon does E tell the run's frames apart?
 
 Data: a random policy (each action kept with probability ACTION_KEEP_PROB, so the paddle travels) plays the
 training env of env.py (episodes end on game over in Pong, which has no lives); a second seed gives held-out
@@ -191,11 +192,27 @@ def train_tokenizer(args: argparse.Namespace) -> None:
         }
     )
     tokenizer = Tokenizer(config)
+    print(f"tokenizer {config}")
+    fit_tokenizer(tokenizer, train, eval_frames, median, args, out / "tokenizer_metrics.csv")
+    atomic_save({"config": config.__dict__, "model": tokenizer.state_dict()}, out / "tokenizer.pt")
+    save_reconstructions(tokenizer, picture_frames(heldout, median, PICTURE_FRAMES), out / "reconstructions.png")
+    train.truncate(WORLD_MODEL_TRAIN_STEPS)
+    encode_buffers(tokenizer, {"train": train, "heldout": heldout}, out)
+    print(f"saved {out / 'tokenizer.pt'}, {out / 'reconstructions.png'}, tokens in {out}/tokens_*.pt")
+
+
+def fit_tokenizer(
+    tokenizer: Tokenizer,
+    train: ReplayBuffer,
+    eval_frames: torch.Tensor,
+    median: torch.Tensor,
+    args: argparse.Namespace,
+    path: Path,
+) -> None:
+    """Stage 1's loop: Adam steps on frames drawn from train, with dead-code restarts if asked, and the held-out
+    measurements every --eval_every steps, printed and written to path."""
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.lr, betas=ADAM_BETAS)
-    print(
-        f"tokenizer {config}\n{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, "
-        f"lr {args.lr}"
-    )
+    print(f"{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, lr {args.lr}")
     columns = [
         "step",
         "minutes",
@@ -207,7 +224,7 @@ def train_tokenizer(args: argparse.Namespace) -> None:
         "codes_used",
         "distinct_frames",
     ]
-    table = Table(columns, out / "tokenizer_metrics.csv")
+    table = Table(columns, path)
     start, loss = time.time(), float("nan")  # loss: the last training batch's (none before step 1)
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
@@ -230,11 +247,6 @@ def train_tokenizer(args: argparse.Namespace) -> None:
         loss = losses["total"].item()
         torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), MAX_GRAD_NORM)
         optimizer.step()
-    atomic_save({"config": config.__dict__, "model": tokenizer.state_dict()}, out / "tokenizer.pt")
-    save_reconstructions(tokenizer, picture_frames(heldout, median, PICTURE_FRAMES), out / "reconstructions.png")
-    train.truncate(WORLD_MODEL_TRAIN_STEPS)
-    encode_buffers(tokenizer, {"train": train, "heldout": heldout}, out)
-    print(f"saved {out / 'tokenizer.pt'}, {out / 'reconstructions.png'}, tokens in {out}/tokens_*.pt")
 
 
 def encode_buffers(tokenizer: Tokenizer, buffers: dict[str, ReplayBuffer], out: Path) -> None:
@@ -277,6 +289,31 @@ def fixed_segments(buffer: ReplayBuffer, tokens: torch.Tensor, length: int) -> d
     data["start"] = index  # (S,)
     data["mask"] = torch.ones_like(data["ends"], dtype=torch.bool)
     return data
+
+
+def run_tokenizer(args: argparse.Namespace) -> None:
+    """How soon does E tell a run's frames apart? A fresh tokenizer of a train.py run's config (batch and learning
+    rate: the run's own), trained on the run's first steps and measured as in stage 1 on its last --heldout_steps,
+    with the median of the training frames as background. In the loop, the actor-critic starts after
+    (start_actor_critic_after_epochs - start_tokenizer_after_epochs) x training_steps_per_epoch tokenizer steps."""
+    if len(args.runs) != 1:
+        raise SystemExit("learn.py run_tokenizer: give one train.py run directory with --runs DIR")
+    run_dir = Path(args.runs[0])
+    config = Agent.load(run_dir / CHECKPOINT, device="cpu").config
+    buffer = ReplayBuffer.load(run_dir / "replay")
+    split = len(buffer) - args.heldout_steps
+    if split < 1 or args.heldout_steps < 1:
+        raise SystemExit(f"{run_dir}: {len(buffer)} steps cannot give --heldout_steps {args.heldout_steps} held out")
+    args = argparse.Namespace(
+        **{**vars(args), "batch": args.batch or config.tokenizer_batch_size, "lr": args.lr or config.learning_rate}
+    )
+    torch.manual_seed(args.seed)
+    eval_frames = buffer.observations[split:][torch.randperm(args.heldout_steps)[:EVAL_FRAMES]]  # (256, 3, 64, 64)
+    buffer.truncate(split)
+    frames = buffer.observations[torch.randperm(split)[:MEDIAN_FRAMES]]
+    median = to_unit(frames).median(dim=0).values  # (3, 64, 64)
+    tokenizer = Tokenizer(config.tokenizer)
+    fit_tokenizer(tokenizer, buffer, eval_frames, median, args, Path(args.out) / "run_tokenizer_metrics.csv")
 
 
 def run_world_model(args: argparse.Namespace) -> None:
@@ -569,7 +606,7 @@ def learning_curve(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CLIParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "stage", choices=sorted(STAGES), help="stage 1, 2 (needs stage 1's outputs), 3 (curve) or a run's G"
+        "stage", choices=sorted(STAGES), help="stage 1, 2 (needs stage 1's outputs), 3 (curve), or a run's E or G"
     )
     parser.add_argument("--game", default=GAME)
     parser.add_argument("--out", default="runs/learn", help="data, checkpoints, pictures and metrics")
@@ -581,7 +618,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="Adam(W) learning rate")
     parser.add_argument("--minutes", type=float, default=float("inf"), help="stop training after this wall time")
     tok = parser.add_argument_group("stage 1: tokenizer")
-    tok.add_argument("--restart_every", type=int, default=RESTART_EVERY, help="dead-code restarts; 0: none (paper)")
+    tok.add_argument(
+        "--restart_every",
+        type=int,
+        default=None,
+        help="steps between dead-code restarts; 0: none (the paper, train.py)",
+    )
     for name in ("ch", "z_channels", "vocab_size", "embed_dim"):
         tok.add_argument(f"--{name}", type=int, default=TOKENIZER_SMALL[name])
     tok.add_argument("--reconstruction_loss", choices=RECONSTRUCTION_LOSSES, default="l1", help="l1: Appendix A.1")
@@ -593,7 +635,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loop.add_argument("--runs", nargs="*", default=[], help="train.py run directories")
     loop.add_argument("--random_episodes", type=int, default=RANDOM_EPISODES, help="episodes of the random policy")
     loop.add_argument(
-        "--heldout_steps", type=int, default=HELDOUT_RUN_STEPS, help="run_world_model: last steps kept out"
+        "--heldout_steps",
+        type=int,
+        default=HELDOUT_RUN_STEPS,
+        help="run_world_model, run_tokenizer: last steps kept out",
     )
     loop.add_argument("--dropout", type=float, default=None, help="run_world_model: G's dropout (default: the run's)")
     args = parser.parse_args(argv)
@@ -605,9 +650,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 STAGE_DEFAULTS = {
-    "tokenizer": {"steps": 1_000, "eval_every": 100, "batch": 16, "lr": 1e-3},
+    "tokenizer": {"steps": 1_000, "eval_every": 100, "batch": 16, "lr": 1e-3, "restart_every": RESTART_EVERY},
     "world_model": {"steps": 3_000, "eval_every": 200, "batch": 16, "lr": 1e-3},
     "run_world_model": {"steps": 3_000, "eval_every": 250},  # batch and lr: the run's own
+    "run_tokenizer": {"steps": 1_200, "eval_every": 100, "restart_every": 0},  # as in the loop: no restarts
 }
 
 
@@ -623,6 +669,7 @@ STAGES = {
     "world_model": train_world_model,
     "curve": learning_curve,
     "run_world_model": run_world_model,
+    "run_tokenizer": run_tokenizer,
 }
 
 

@@ -1951,6 +1951,25 @@ def test_learn_run_world_model_holds_out_the_runs_last_steps(train_tiny_run, tmp
         learn.main(["run_world_model", *args, "300"])
 
 
+def test_learn_run_tokenizer_trains_on_the_runs_first_steps_with_its_batch_and_lr(train_tiny_run, tmp_path, capsys):
+    """learn.py run_tokenizer: a fresh E, D of the run's config at the run's batch (16) and learning rate (1e-3);
+    held out: the last --heldout_steps frames, against the median of the others (worked out here)."""
+    import learn
+
+    run_dir, _ = train_tiny_run
+    args = ["--runs", str(run_dir), "--out", str(tmp_path), "--steps", "2", "--eval_every", "1", "--heldout_steps"]
+    learn.main(["run_tokenizer", *args, "100"])
+    assert "batch 16, lr 0.001" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    frames = ReplayBuffer.load(run_dir / "replay").observations.float() / 255  # (300, 3, 64, 64)
+    x, median = frames[200:], frames[:200].median(dim=0).values  # held out; the training frames' median
+    error = (x - median).abs()
+    foreground = (error.amax(dim=1, keepdim=True) > 0.1).expand_as(x)
+    assert float(rows[0]["fg_l1_median"]) == pytest.approx(error[foreground].mean().item(), abs=1e-4)
+    assert 1 <= int(rows[-1]["distinct_frames"]) <= 100
+
+
 def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     run_dir, stdout = train_tiny_run
     for name in ["config.json", "metrics.csv", "checkpoint.pt", "final_eval.json"]:
