@@ -299,8 +299,8 @@ def run_tokenizer(args: argparse.Namespace) -> None:
     if len(args.runs) != 1:
         raise SystemExit("learn.py run_tokenizer: give one train.py run directory with --runs DIR")
     run_dir = Path(args.runs[0])
-    config = Agent.load(run_dir / CHECKPOINT, device="cpu").config
-    buffer = ReplayBuffer.load(run_dir / "replay")
+    agent = Agent.load(run_dir / CHECKPOINT, device="cpu")
+    config, buffer = agent.config, ReplayBuffer.load(run_dir / "replay")
     split = len(buffer) - args.heldout_steps
     if split < 1 or args.heldout_steps < 1:
         raise SystemExit(f"{run_dir}: {len(buffer)} steps cannot give --heldout_steps {args.heldout_steps} held out")
@@ -312,6 +312,8 @@ def run_tokenizer(args: argparse.Namespace) -> None:
     buffer.truncate(split)
     frames = buffer.observations[torch.randperm(split)[:MEDIAN_FRAMES]]
     median = to_unit(frames).median(dim=0).values  # (3, 64, 64)
+    own = tokenizer_metrics(agent.tokenizer, eval_frames, median)
+    print("the run's own E, on the held-out frames: " + ", ".join(f"{k} {v:.4g}" for k, v in own.items()))
     tokenizer = Tokenizer(config.tokenizer)
     fit_tokenizer(tokenizer, buffer, eval_frames, median, args, Path(args.out) / "run_tokenizer_metrics.csv")
 

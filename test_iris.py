@@ -1959,7 +1959,8 @@ def test_learn_run_tokenizer_trains_on_the_runs_first_steps_with_its_batch_and_l
     run_dir, _ = train_tiny_run
     args = ["--runs", str(run_dir), "--out", str(tmp_path), "--steps", "2", "--eval_every", "1", "--heldout_steps"]
     learn.main(["run_tokenizer", *args, "100"])
-    assert "batch 16, lr 0.001" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "batch 16, lr 0.001" in printed and "the run's own E, on the held-out frames: l1 " in printed
     rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
     frames = ReplayBuffer.load(run_dir / "replay").observations.float() / 255  # (300, 3, 64, 64)
