@@ -406,5 +406,11 @@ def codebook_metrics(tokens: Tensor, vocab_size: int) -> dict[str, Tensor]:
     return {"codebook_perplexity": entropy.exp().detach(), "codebook_usage": (counts > 0).float().mean().detach()}
 
 
+def token_usage(tokens: Tensor) -> dict[str, int]:
+    """tokens (B, K) -> codes in use and distinct token maps among the B frames. A tokenizer that has not learned the
+    objects yet gives most frames the same few codes (README, Does it learn?)."""
+    return {"codes_used": len(tokens.unique()), "distinct_frames": len(tokens.unique(dim=0))}
+
+
 def postprocess(x: Tensor) -> Tensor:
     return (x + 1) / 2  # [-1, 1] -> [0, 1]

@@ -36,6 +36,7 @@ from agent import CLIParser, add_config_flags, config_from_args, config_override
 from agent import STOP, catch_stop_signals, deferred_signals, write_video
 from env import canonical_game, make_env
 from replay import ReplayBuffer, atomic_save, write_csv, write_json
+from tokenizer import token_usage
 from world_model import WorldModelEnv
 
 EVAL_SEED_OFFSET = 10_000  # test envs draw other no-op starts than the training env's seeds
@@ -80,7 +81,8 @@ def training_loop(run: Run) -> None:
         with timed(metrics, "world_model"):
             metrics.update(update_world_model(run, epoch, "tokenizer"))  # update E and D
             run.tokens = encode_dataset(run, epoch)  # z_t = E(x_t) of every stored frame: E is frozen until next epoch
-            metrics.update(token_usage(run.tokens))
+            if run.tokens is not None:  # E's use of its codebook on the dataset: a collapse shows as few codes and maps
+                metrics.update({f"tokenizer/{k}": v for k, v in token_usage(run.tokens).items()})
             metrics.update(update_world_model(run, epoch, "world_model"))  # update G
         with timed(metrics, "behavior"):
             metrics.update(update_behavior(run, epoch))
@@ -216,17 +218,6 @@ def encode_dataset(run: Run, epoch: int) -> torch.Tensor | None:
     with run.agent.autocast():
         chunks = [tokenizer.encode(frames[i : i + size].to(run.agent.device)) for i in range(0, len(frames), size)]
     return torch.cat(chunks)
-
-
-def token_usage(tokens: torch.Tensor | None) -> dict[str, float]:
-    """Codes in use and the share of distinct token maps among stored frames: a tokenizer that has not yet learned
-    the objects gives most frames the same few codes, and then G and imagination cannot show them either."""
-    if tokens is None:
-        return {}
-    return {
-        "tokenizer/codes_used": tokens.unique().numel(),
-        "tokenizer/distinct_frames": len(tokens.unique(dim=0)) / len(tokens),
-    }
 
 
 @torch.no_grad()
