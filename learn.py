@@ -31,7 +31,7 @@ import torch
 from agent import CHECKPOINT, Agent, CLIParser
 from env import EnvConfig, make_env, run_episodes
 from replay import ReplayBuffer, atomic_save, write_json
-from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig
+from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig, token_usage
 from train import FINAL_EVAL
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv
 
@@ -150,8 +150,7 @@ def tokenizer_metrics(tokenizer: Tokenizer, frames: torch.Tensor, median: torch.
         "fg_l1": (x - x_hat).abs()[fg].mean().item(),
         "fg_l1_median": (x - median).abs()[fg].mean().item(),
         "discrimination": closer[pairs].float().mean().item(),
-        "codes_used": len(tokens.unique()),
-        "distinct_frames": len(tokens.unique(dim=0)),
+        **token_usage(tokens),
     }
 
 
@@ -291,22 +290,33 @@ def fixed_segments(buffer: ReplayBuffer, tokens: torch.Tensor, length: int) -> d
     return data
 
 
+def load_run(
+    args: argparse.Namespace, stage: str, batch_field: str
+) -> tuple[Path, Agent, ReplayBuffer, argparse.Namespace]:
+    """The one train.py run of --runs: its directory, agent (last checkpoint, eval mode) and dataset, and args whose
+    --batch and --lr default to the run's own (its `batch_field` and learning_rate)."""
+    if len(args.runs) != 1:
+        raise SystemExit(f"learn.py {stage}: give one train.py run directory with --runs DIR")
+    run_dir = Path(args.runs[0])
+    agent = Agent.load(run_dir / CHECKPOINT, device="cpu").eval()
+    batch, lr = args.batch or getattr(agent.config, batch_field), args.lr or agent.config.learning_rate
+    return (
+        run_dir,
+        agent,
+        ReplayBuffer.load(run_dir / "replay"),
+        argparse.Namespace(**{**vars(args), "batch": batch, "lr": lr}),
+    )
+
+
 def run_tokenizer(args: argparse.Namespace) -> None:
     """How soon does E tell a run's frames apart? A fresh tokenizer of a train.py run's config (batch and learning
     rate: the run's own), trained on the run's first steps and measured as in stage 1 on its last --heldout_steps,
     with the median of the training frames as background. In the loop, the actor-critic starts after
     (start_actor_critic_after_epochs - start_tokenizer_after_epochs) x training_steps_per_epoch tokenizer steps."""
-    if len(args.runs) != 1:
-        raise SystemExit("learn.py run_tokenizer: give one train.py run directory with --runs DIR")
-    run_dir = Path(args.runs[0])
-    agent = Agent.load(run_dir / CHECKPOINT, device="cpu")
-    config, buffer = agent.config, ReplayBuffer.load(run_dir / "replay")
-    split = len(buffer) - args.heldout_steps
+    run_dir, agent, buffer, args = load_run(args, "run_tokenizer", "tokenizer_batch_size")
+    config, split = agent.config, len(buffer) - args.heldout_steps
     if split < 1 or args.heldout_steps < 1:
         raise SystemExit(f"{run_dir}: {len(buffer)} steps cannot give --heldout_steps {args.heldout_steps} held out")
-    args = argparse.Namespace(
-        **{**vars(args), "batch": args.batch or config.tokenizer_batch_size, "lr": args.lr or config.learning_rate}
-    )
     torch.manual_seed(args.seed)
     eval_frames = buffer.observations[split:][torch.randperm(args.heldout_steps)[:EVAL_FRAMES]]  # (256, 3, 64, 64)
     buffer.truncate(split)
@@ -321,27 +331,15 @@ def run_tokenizer(args: argparse.Namespace) -> None:
 def run_world_model(args: argparse.Namespace) -> None:
     """Does G generalise? A fresh G of a train.py run's config, on the run's frozen tokens: trained on its dataset's
     first steps and measured on its last --heldout_steps, which it never sees (the run's own G trained on them)."""
-    if len(args.runs) != 1:
-        raise SystemExit("learn.py run_world_model: give one train.py run directory with --runs DIR")
-    run_dir = Path(args.runs[0])
-    agent = Agent.load(run_dir / CHECKPOINT, device="cpu").eval()
-    buffer = ReplayBuffer.load(run_dir / "replay")
+    run_dir, agent, buffer, args = load_run(args, "run_world_model", "world_model_batch_size")
     config = agent.config.world_model
     if args.dropout is not None:  # the paper's 0.1 on all three (Table 4); the small preset has none
         config = replace(config, embed_dropout=args.dropout, attn_dropout=args.dropout, resid_dropout=args.dropout)
-    # G's batch and learning rate default to the run's own (its world_model_batch_size and learning_rate)
-    args = argparse.Namespace(
-        **{
-            **vars(args),
-            "batch": args.batch or agent.config.world_model_batch_size,
-            "lr": args.lr or agent.config.learning_rate,
-        }
-    )
     split = len(buffer) - args.heldout_steps
     if split < config.max_timesteps or args.heldout_steps < config.max_timesteps:
         raise SystemExit(f"{run_dir}: {len(buffer)} steps cannot give --heldout_steps {args.heldout_steps} held out")
     with torch.no_grad():
-        tokens = torch.cat([agent.tokenizer.encode(chunk) for chunk in buffer.observations.split(256)])  # (N, K)
+        tokens = torch.cat([agent.tokenizer.encode(chunk) for chunk in buffer.observations.split(ENCODE_BATCH)])
     segments = fixed_segments(buffer, tokens, config.max_timesteps)
     heldout_data = {k: v[segments["start"] >= split] for k, v in segments.items()}
     own = world_model_metrics(agent.world_model, heldout_data)
