@@ -196,6 +196,18 @@ class Agent(torch.nn.Module):
         enabled = self.config.bf16 == "always" or (self.config.bf16 == "cuda" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Adam for E, D and for π, V; AdamW with weight decay on G's Linear weights only (Table 4)."""
+        cfg = self.config
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        fused = cfg.fused_adam and self.device.type in ("cuda", "cpu")  # where torch has the fused kernel
+        adam = {"lr": cfg.learning_rate, "betas": betas, "fused": fused or None}
+        return {
+            "tokenizer": torch.optim.Adam(self.tokenizer.parameters(), **adam),
+            "world_model": self.world_model.configure_optimizer(cfg.learning_rate, betas, fused),
+            "actor_critic": torch.optim.Adam(self.actor_critic.parameters(), **adam),
+        }
+
     @torch.no_grad()
     def act(self, obs: np.ndarray, first: np.ndarray, temperature: float = 1.0, epsilon: float = 0.0) -> np.ndarray:
         """Actions for n real environments. obs (n, h, w, 3) uint8 (64 x 64); first (n,) True where an episode starts."""
@@ -671,6 +683,22 @@ class CLIParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Media: one video writer for train.py's GIFs, evaluate.py's best episode and play.py's recordings
+
+
+FIGURE4_REWARD, FIGURE4_END = (255, 215, 0), (220, 0, 0)  # Figure 4's boxes: a predicted reward, a predicted end
+
+
+def figure4_video(frames: torch.Tensor, rewards: torch.Tensor, ends: torch.Tensor, border: int) -> np.ndarray:
+    """Imagined trajectories side by side, as Figure 4: frames (n, H + 1, 3, h, w) uint8, rewards and ends (n, H)
+    predicted on the step into frames 1..H, framed in yellow where a reward is, red where an end is (else black).
+    Returns a video (H + 1, h + 2 border, n (w + 2 border), 3) uint8."""
+    n, steps, _, h, w = frames.shape
+    colour = torch.zeros(n, steps, 3, dtype=torch.uint8, device=frames.device)
+    colour[:, 1:][rewards > 0] = colour.new_tensor(FIGURE4_REWARD)
+    colour[:, 1:][ends > 0] = colour.new_tensor(FIGURE4_END)
+    padded = colour[..., None, None].expand(-1, -1, -1, h + 2 * border, w + 2 * border).clone()
+    padded[..., border : border + h, border : border + w] = frames
+    return padded.permute(1, 3, 0, 4, 2).reshape(steps, h + 2 * border, n * (w + 2 * border), 3).cpu().numpy()
 
 
 def write_video(video: np.ndarray, path: Path, fps: float) -> Path:

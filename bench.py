@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     agent = Agent(cfg, int(env.action_space.n), device)
     if cfg.tokenizer.perceptual_weight > 0:
         agent.tokenizer.perceptual_net()  # build VGG16 now, not inside the first timed step
-    bench = Bench(cfg, agent, train.make_optimizers(agent, cfg), env)
+    bench = Bench(cfg, agent, agent.make_optimizers(), env)
     phases = {}
     for name in (p for p in PHASES if p in args.phases):
         fn, work, unit = phase(bench, name)

@@ -27,7 +27,8 @@ import cv2
 import numpy as np
 import torch
 
-from agent import Agent, CLIParser, check_checkpoint, load_checkpoint, pick_device, setup_process, write_video
+from agent import FIGURE4_END, FIGURE4_REWARD, Agent, CLIParser, check_checkpoint, load_checkpoint, pick_device
+from agent import setup_process, write_video
 from env import NOOP, make_env
 from replay import ReplayBuffer
 from world_model import WorldModelEnv
@@ -41,7 +42,6 @@ BAR_TOP, BAR_HEIGHT = PANEL + 28, 40  # π's bars, under the status line
 LINES_TOP, LINE_HEIGHT, LINE_CHARS = PANEL + 98, 17, 100  # the key lines, wrapped at 100 characters
 FONT, FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.42
 WHITE, GREY, DARK, BAR = (255, 255, 255), (150, 150, 150), (40, 40, 40), (90, 160, 255)
-YELLOW, RED = (255, 215, 0), (220, 0, 0)  # Figure 4: predicted positive reward, predicted end
 FPS = 15  # agent steps per second: real time for Atari at frame skip 4 (60 / 4)
 SPEEDS = (1, 2, 5, 10, 15, 30, 60)  # steps per second that [ and ] step through
 TEMPERATURE_STEP = 0.1  # what - and = take off or add to τ
@@ -290,7 +290,8 @@ class Screen:
     def draw(self, view: View, temperature: float, speed: float) -> np.ndarray:
         """(HEIGHT, WIDTH, 3) uint8 RGB."""
         image = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-        box = RED if view.end else YELLOW if (view.reward or 0) > 0 else DARK  # Figure 4; an end above a reward
+        # Figure 4's box; an end above a reward
+        box = FIGURE4_END if view.end else FIGURE4_REWARD if (view.reward or 0) > 0 else DARK
         inner = PANEL - 2 * BORDER
         for left, frame, color, caption in (
             (0, view.real, DARK, self.captions[0]),

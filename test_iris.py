@@ -1971,6 +1971,20 @@ def test_learn_run_tokenizer_trains_on_the_runs_first_steps_with_its_batch_and_l
     assert 1 <= int(rows[-1]["distinct_frames"]) <= 100
 
 
+def test_figure4_video_frames_each_imagined_step_by_its_predicted_reward_and_end():
+    # Two trajectories of 2 steps after x̂_0, frames of 2x2 pixels whose values name (trajectory, step).
+    frames = torch.arange(6, dtype=torch.uint8).view(2, 3, 1, 1, 1).expand(2, 3, 3, 2, 2) * 10
+    rewards, ends = torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.tensor([[0, 1], [0, 1]])
+    video = agent_lib.figure4_video(frames, rewards, ends, border=1)  # (3, 4, 8, 3)
+    assert video.shape == (3, 4, 8, 3)
+    boxes = {(0, 0): (0, 0, 0), (0, 1): agent_lib.FIGURE4_REWARD, (0, 2): agent_lib.FIGURE4_END}
+    boxes |= {(1, 0): (0, 0, 0), (1, 1): (0, 0, 0), (1, 2): agent_lib.FIGURE4_END}  # a negative reward: no box
+    for (n, step), colour in boxes.items():
+        panel = video[step, :, 4 * n : 4 * n + 4]  # (4, 4, 3): the frame inside a 1-pixel box
+        assert (panel[0] == colour).all() and (panel[:, 0] == colour).all() and (panel[-1] == colour).all()
+        assert (panel[1:3, 1:3] == 10 * (3 * n + step)).all()
+
+
 def test_train_tiny_run_passes_all_phases_and_writes_every_file(train_tiny_run):
     run_dir, stdout = train_tiny_run
     for name in ["config.json", "metrics.csv", "checkpoint.pt", "final_eval.json"]:
@@ -2093,7 +2107,7 @@ def test_train_encode_once_per_epoch_gives_the_same_tokens_and_losses(pong):
     agent, replay = tiny_agent(), pong_replay(pong)
     cfg = agent.config
     cfg.encode_batch_size = 7  # chunks of odd size on purpose
-    run = train.Run(cfg, agent, train.make_optimizers(agent, cfg), replay, Path("unused"))
+    run = train.Run(cfg, agent, agent.make_optimizers(), replay, Path("unused"))
     run.tokens = train.encode_dataset(run, epoch=cfg.epochs)
     assert run.tokens.shape == (len(replay), cfg.tokenizer.tokens_per_frame)
     assert torch.equal(run.tokens, agent.tokenizer.encode(replay.observations))
@@ -2144,7 +2158,7 @@ def test_train_bf16_autocast_stays_close_to_fp32(pong):
     """bf16 = "always" runs every forward pass of train.py in bf16 autocast (CUDA's default, "cuda", here on CPU)."""
     agent, replay = tiny_agent(), pong_replay(pong)
     cfg = agent.config
-    run = train.Run(cfg, agent, train.make_optimizers(agent, cfg), replay, Path("unused"))
+    run = train.Run(cfg, agent, agent.make_optimizers(), replay, Path("unused"))
     frames = replay.observations[:16]  # (16, 3, 64, 64) uint8
     torch.manual_seed(0)
     batch = replay.sample(8, cfg.world_model.max_timesteps, sample_from_start=True)
@@ -2191,7 +2205,7 @@ def test_train_bf16_autocast_stays_close_to_fp32(pong):
 
 def test_train_fused_adam_gives_the_same_updates():
     plain, fused = _train_tiny_agents(fused_adam=True)
-    optimizers = [train.make_optimizers(agent, agent.config) for agent in (plain, fused)]
+    optimizers = [agent.make_optimizers() for agent in (plain, fused)]
     assert optimizers[1]["tokenizer"].defaults["fused"] and optimizers[1]["world_model"].defaults["fused"]
     assert not optimizers[0]["actor_critic"].defaults["fused"]
     generator = torch.Generator().manual_seed(0)

@@ -33,7 +33,7 @@ from actor_critic import actor_critic_loss, imagine
 from agent import CHECKPOINT, PREVIOUS, Agent, IRISConfig, config_from_checkpoint, config_json_edits, differing_keys
 from agent import load_run_checkpoint, pick_device, rng_states, set_rng_states, set_seed, setup_process
 from agent import CLIParser, add_config_flags, config_from_args, config_overrides, cpu_time_warning, validate_config
-from agent import STOP, catch_stop_signals, deferred_signals, write_video
+from agent import STOP, catch_stop_signals, deferred_signals, figure4_video, write_video
 from env import canonical_game, make_env
 from replay import ReplayBuffer, atomic_save, write_csv, write_json
 from tokenizer import token_usage
@@ -229,18 +229,6 @@ def segment_tokens(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return run.tokens[batch["index"].to(run.tokens.device)]
 
 
-def make_optimizers(agent: Agent, cfg: IRISConfig) -> dict[str, torch.optim.Optimizer]:
-    """Adam for E, D and for π, V; AdamW with weight decay on G's Linear weights only (Table 4)."""
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    fused = cfg.fused_adam and agent.device.type in ("cuda", "cpu")  # where torch has the fused kernel
-    adam = {"lr": cfg.learning_rate, "betas": betas, "fused": fused or None}
-    return {
-        "tokenizer": torch.optim.Adam(agent.tokenizer.parameters(), **adam),
-        "world_model": agent.world_model.configure_optimizer(cfg.learning_rate, betas, fused),
-        "actor_critic": torch.optim.Adam(agent.actor_critic.parameters(), **adam),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation, media and the epoch's line
 
@@ -267,15 +255,8 @@ def save_media(run: Run, epoch: int) -> None:
     wm_env = WorldModelEnv(agent.tokenizer, agent.world_model)
     out = imagine(agent.actor_critic, wm_env, batch["observations"], batch["mask"], ac.imagination_horizon)
     frames = (out.frames * 255).round().to(torch.uint8)  # x̂_0..x̂_H, (n, H + 1, 3, 64, 64)
-    # Figure 4: yellow border where a reward is predicted on the step into the frame, red where an end is.
-    border = torch.zeros(n, frames.shape[1], 3, dtype=torch.uint8, device=frames.device)
-    border[:, 1:][out.rewards > 0] = border.new_tensor((255, 215, 0))
-    border[:, 1:][out.ends > 0] = border.new_tensor((220, 0, 0))
-    b, size = MEDIA_BORDER, frames.shape[-1] + 2 * MEDIA_BORDER
-    padded = border[..., None, None].expand(-1, -1, -1, size, size).clone()  # (n, H + 1, 3, 68, 68)
-    padded[..., b : size - b, b : size - b] = frames
-    rows = padded.permute(1, 3, 0, 4, 2).reshape(frames.shape[1], size, n * size, 3)  # (H + 1, 68, n * 68, 3)
-    write_video(rows.cpu().numpy(), media / f"imagination_epoch{epoch:04d}.gif", fps=1000 / MEDIA_GIF_MS)
+    video = figure4_video(frames, out.rewards, out.ends, MEDIA_BORDER)  # (H + 1, 68, n * 68, 3)
+    write_video(video, media / f"imagination_epoch{epoch:04d}.gif", fps=1000 / MEDIA_GIF_MS)
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
@@ -356,7 +337,7 @@ def new_run(config: IRISConfig, overwrite: bool = False) -> Run:
         agent.tokenizer.perceptual_net()  # fail now, not at epoch 6, if VGG16's weights cannot be had
     write_json(run_dir / "config.json", asdict(config))
     replay = ReplayBuffer(agent.actor_critic.frame_shape, device=agent.device)  # x_t: (3, h, w) uint8
-    run = Run(config, agent, make_optimizers(agent, config), replay, run_dir, env=env)
+    run = Run(config, agent, agent.make_optimizers(), replay, run_dir, env=env)
     run.obs, _ = env.reset(seed=config.seed)
     return run
 
@@ -383,7 +364,7 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> Run | 
     # never saw: not read, and overwritten by the next save.
     replay = ReplayBuffer.load(run_dir / "replay", device=agent.device, num_steps=checkpoint["env_steps"])
     replay.close_episode()  # the emulator's state is not saved: collection restarts with a new game
-    optimizers = make_optimizers(agent, agent.config)
+    optimizers = agent.make_optimizers()
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(checkpoint["optimizers"][name])
     set_rng_states(checkpoint["rng"])
