@@ -2633,7 +2633,7 @@ def test_play_dream_starts_over_after_an_end_or_the_horizon(evaluate_tiny_pong_r
     image = play.Screen("dream", "Pong", ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]).draw(
         dream.view(), 1.0, 15
     )
-    assert tuple(image[0, play.PANEL]) == play.RED and tuple(image[0, 0]) == play.DARK
+    assert tuple(image[0, play.PANEL]) == agent_lib.FIGURE4_END and tuple(image[0, 0]) == play.DARK
     assert dream.advance() is None and dream.steps == 0 and not dream.end  # a new dream from a new real frame
     agent = _play_agent(evaluate_tiny_pong_run, ends=False)
     dream = play.make_player(agent, "dream", evaluate_tiny_pong_run, seed=0, temperature=1.0, horizon=2)
