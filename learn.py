@@ -7,6 +7,8 @@
     python learn.py run_world_model --runs runs/boxing_small_s0   # does a run's G generalise? a fresh G on the
                                                             # run's first steps, measured on its last 1,000
     python learn.py run_tokenizer --runs runs/boxing_small_s0     # how soon does E tell the run's frames apart?
+    python learn.py baselines --games RoadRunner Boxing    # stage 3's choice of game: a random policy against
+                                                            # each action held constant, under the test protocol
 
 Data: a random policy (each action kept with probability ACTION_KEEP_PROB, so the paddle travels) plays the
 training env of env.py (episodes end on game over in Pong, which has no lives); a second seed gives held-out
@@ -57,6 +59,8 @@ MAX_GRAD_NORM = 10.0  # gradient clipping, Table 5
 ADAM_BETAS = (0.9, 0.999)  # Adam β1, β2, Table 5
 HELDOUT_RUN_STEPS = 1_000  # run_world_model: the last steps of a run's dataset, which the fresh G never sees
 RANDOM_EPISODES = 32  # episodes of the random policy that stage 3's curve compares with
+CONSTANT_EPISODES = 8  # baselines: episodes of each action held constant
+BASELINE_FRAMES = 40_000  # baselines: frames a game at most (10,000 agent steps), so that a stuck action ends
 Z_95 = 1.96  # 95% two-sided normal quantile
 
 # The sizes found to learn Pong on one CPU core (README "Does it learn?"); the paper's are in
@@ -603,10 +607,38 @@ def learning_curve(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def baselines(args: argparse.Namespace) -> None:
+    """Stage 3's choice of game: how far a random policy is from the best action held constant, per game, under the
+    test protocol (env.py, train=False, --max_test_frames). A wide gap is a reward that a policy can find early:
+    the agent has something to learn before it can play well."""
+    games = args.games or [args.game]
+    env_config = replace(EnvConfig(), max_test_frames=args.max_test_frames)
+    print(f"test protocol, at most {args.max_test_frames} frames a game; 95% CIs")
+    for game in games:
+        env = make_env(game, train=False, seed=args.seed, config=env_config)
+        meanings = env.unwrapped.get_action_meanings() if hasattr(env.unwrapped, "get_action_meanings") else None
+        num_actions = env.action_space.n
+        env.close()
+        out = Path(args.out)
+        mean, half = mean_ci(random_returns(game, env_config, args.random_episodes, args.seed, out))
+        print(f"{game} | random policy | {mean:8.1f} ± {half:.1f} ({args.random_episodes} episodes)")
+        for action in range(num_actions):
+
+            def constant(obs: np.ndarray, first: np.ndarray, action: int = action) -> np.ndarray:
+                return np.full(len(obs), action)
+
+            returns = run_episodes(game, constant, args.constant_episodes, seed=args.seed, config=env_config)
+            name = meanings[action] if meanings else str(action)
+            mean, half = mean_ci(returns)
+            print(f"{game} | always {name:<13} | {mean:8.1f} ± {half:.1f} ({args.constant_episodes} episodes)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CLIParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "stage", choices=sorted(STAGES), help="stage 1, 2 (needs stage 1's outputs), 3 (curve), or a run's E or G"
+        "stage",
+        choices=sorted(STAGES),
+        help="stage 1, 2 (needs stage 1's outputs), 3 (curve; baselines: the choice of game), or a run's E or G",
     )
     parser.add_argument("--game", default=GAME)
     parser.add_argument("--out", default="runs/learn", help="data, checkpoints, pictures and metrics")
@@ -641,6 +673,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run_world_model, run_tokenizer: last steps kept out",
     )
     loop.add_argument("--dropout", type=float, default=None, help="run_world_model: G's dropout (default: the run's)")
+    loop.add_argument("--games", nargs="*", default=[], help="baselines: the games (default: --game)")
+    loop.add_argument("--constant_episodes", type=int, default=CONSTANT_EPISODES, help="baselines: per action")
+    loop.add_argument("--max_test_frames", type=int, default=BASELINE_FRAMES, help="baselines: cap of each game")
     args = parser.parse_args(argv)
     stage_defaults = STAGE_DEFAULTS.get(args.stage, {})
     for name, value in stage_defaults.items():
@@ -670,6 +705,7 @@ STAGES = {
     "curve": learning_curve,
     "run_world_model": run_world_model,
     "run_tokenizer": run_tokenizer,
+    "baselines": baselines,
 }
 
 

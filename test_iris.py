@@ -1927,6 +1927,18 @@ def test_learn_curve_reads_a_runs_evaluations_and_plays_a_random_policy_under_it
     assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_learn_baselines_plays_each_action_held_constant_on_a_real_game(tmp_path, capsys):
+    import learn
+
+    # RoadRunner's first 250 steps: the road runner earns points only by running left, to the seeds (README).
+    args = ["--games", "RoadRunner", "--max_test_frames", "1000", "--constant_episodes", "1", "--random_episodes", "1"]
+    learn.main(["baselines", *args, "--out", str(tmp_path)])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("RoadRunner | ")]
+    returns = {row[1].strip(): float(row[2].split()[0]) for row in rows}
+    assert len(returns) == 1 + 18 and returns["always NOOP"] == returns["always RIGHT"] == 0.0
+    assert returns["always LEFT"] >= 100 and returns["always UPLEFT"] >= 100  # one seed: 100 points
+
+
 def test_learn_run_world_model_holds_out_the_runs_last_steps(train_tiny_run, tmp_path, capsys):
     """learn.py run_world_model: a fresh G of the run's config on the run's first steps, scored on its last
     --heldout_steps; the copy baseline is that of the held-out tiles alone, worked out here from the frames."""
