@@ -613,13 +613,13 @@ def baselines(args: argparse.Namespace) -> None:
     the agent has something to learn before it can play well."""
     games = args.games or [args.game]
     env_config = replace(EnvConfig(), max_test_frames=args.max_test_frames)
+    out = Path(args.out)
     print(f"test protocol, at most {args.max_test_frames} frames a game; 95% CIs")
     for game in games:
         env = make_env(game, train=False, seed=args.seed, config=env_config)
         meanings = env.unwrapped.get_action_meanings() if hasattr(env.unwrapped, "get_action_meanings") else None
         num_actions = env.action_space.n
         env.close()
-        out = Path(args.out)
         mean, half = mean_ci(random_returns(game, env_config, args.random_episodes, args.seed, out))
         print(f"{game} | random policy | {mean:8.1f} ± {half:.1f} ({args.random_episodes} episodes)")
         for action in range(num_actions):
