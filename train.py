@@ -135,10 +135,8 @@ def collect_experience(run: Run, n: int) -> dict[str, float]:
 
 
 def update_world_model(run: Run, epoch: int, name: str) -> dict[str, float]:
-    """Algorithm 1, update_world_model: `tokenizer` updates (E, D) on frames, `world_model` updates G on segments.
-
-    As in the reference code, the tokenizer takes its steps of the epoch first and is frozen while G trains.
-    """
+    """Algorithm 1, update_world_model: `tokenizer` updates (E, D) on frames, `world_model` updates G on segments
+    (as in the reference code, E and D take the epoch's steps first and are frozen while G trains)."""
     run.agent.tokenizer.eval()
     if epoch <= getattr(run.config, f"start_{name}_after_epochs"):
         return {}
@@ -163,8 +161,7 @@ def update_behavior(run: Run, epoch: int) -> dict[str, float]:
 
 def tokenizer_loss(run: Run) -> dict[str, torch.Tensor]:
     """Appendix A.1 on a batch of frames drawn uniformly from D."""
-    frames = run.replay.sample_frames(run.config.tokenizer_batch_size, device=run.agent.device)
-    return run.agent.tokenizer.loss(frames)
+    return run.agent.tokenizer.loss(run.replay.sample_frames(run.config.tokenizer_batch_size, device=run.agent.device))
 
 
 def world_model_loss(run: Run) -> dict[str, torch.Tensor]:
