@@ -33,7 +33,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import evaluate
 import agent as agent_lib
@@ -913,6 +912,8 @@ def test_tokenizer_loss_terms_computed_by_hand(vgg_tokenizer):
 
 
 def test_tokenizer_offline_vgg_error_names_file_and_switch(monkeypatch, tmp_path):
+    import torchvision  # here, as in tokenizer.py: the workers start without it (1.5 s each)
+
     def no_network(url, *args, **kwargs):
         raise urllib.error.URLError("no network (test)")
 
@@ -3162,9 +3163,8 @@ REL_RUN = [
 
 @pytest.fixture(scope="session")
 def rel_finished_run(tmp_path_factory) -> Path:
-    def build(folder: Path) -> None:
-        proc = run_script("train.py", *REL_RUN, "--out", str(folder / "run"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def build(folder: Path) -> None:  # in this process, as the resumes below: no interpreter start-up (4 s each)
+        assert run_main(train.main, *REL_RUN, "--out", str(folder / "run")) is None
 
     return built_once(tmp_path_factory, "rel_finished_run", build) / "run"
 
@@ -3179,15 +3179,16 @@ def _rel_epoch(path: Path) -> int:
     return torch.load(path, weights_only=False)["epoch"]
 
 
-def test_rel_a_corrupt_checkpoint_resumes_from_the_previous_epoch(rel_finished_run, tmp_path):
+def test_rel_a_corrupt_checkpoint_resumes_from_the_previous_epoch(rel_finished_run, tmp_path, capsys):
     run_dir = _rel_copy(rel_finished_run, tmp_path)
     assert (_rel_epoch(run_dir / "checkpoint.pt"), _rel_epoch(run_dir / "checkpoint.prev.pt")) == (2, 1)
     data = (run_dir / "checkpoint.pt").read_bytes()
     (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a truncated write
-    proc = run_script("train.py", "--resume", str(run_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "checkpoint.pt is unreadable (" in proc.stdout
-    assert "resuming from checkpoint.prev.pt, epoch 1 (20 env steps)" in proc.stdout
+    capsys.readouterr()
+    assert run_main(train.main, "--resume", str(run_dir)) is None
+    printed = capsys.readouterr().out
+    assert "checkpoint.pt is unreadable (" in printed
+    assert "resuming from checkpoint.prev.pt, epoch 1 (20 env steps)" in printed
     rows = _train_metrics(run_dir)
     assert [(int(r["epoch"]), int(r["env_steps"])) for r in rows] == [(1, 20), (2, 40)]  # epoch 2 done again
     assert len(ReplayBuffer.load(run_dir / "replay")) == 40  # cut back to 20 steps, then epoch 2's 20 again
@@ -3195,12 +3196,13 @@ def test_rel_a_corrupt_checkpoint_resumes_from_the_previous_epoch(rel_finished_r
     assert (run_dir / "checkpoint.corrupt.pt").read_bytes() == data[: len(data) // 2]
 
 
-def test_rel_resuming_a_complete_run_does_nothing(rel_finished_run, tmp_path):
+def test_rel_resuming_a_complete_run_does_nothing(rel_finished_run, tmp_path, capsys):
     run_dir = _rel_copy(rel_finished_run, tmp_path)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
-    proc = run_script("train.py", "--resume", str(run_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{run_dir}: the run is complete (2 epochs, final_eval.json written); nothing to do" in proc.stdout
+    capsys.readouterr()
+    assert run_main(train.main, "--resume", str(run_dir)) is None
+    printed = capsys.readouterr().out
+    assert f"{run_dir}: the run is complete (2 epochs, final_eval.json written); nothing to do" in printed
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
@@ -3210,27 +3212,27 @@ def test_rel_resume_with_more_epochs_extends_a_finished_run(rel_finished_run, tm
         with pytest.raises(SystemExit):
             train.parse_args(["--resume", str(run_dir), "--epochs", "3", *flags])
         assert "drop " + ", ".join(sorted(f for f in flags if f.startswith("--"))) in capsys.readouterr().err
-    proc = run_script("train.py", "--resume", str(run_dir), "--epochs", "3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "extended the run: epochs 2 -> 3" in proc.stdout
+    assert run_main(train.main, "--resume", str(run_dir), "--epochs", "3") is None
+    assert "extended the run: epochs 2 -> 3" in capsys.readouterr().out
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 3
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert (checkpoint["epoch"], checkpoint["config"]["epochs"]) == (3, 3)
     assert [int(r["epoch"]) for r in _train_metrics(run_dir)] == [1, 2, 3]
     assert json.loads((run_dir / "final_eval.json").read_text())["epoch"] == 3
     assert json.loads((run_dir / "final_eval_epoch0002.json").read_text())["env_steps"] == 40  # the old end's
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))  # run_dir's lock stays held by this process's resume
     with pytest.raises(agent_lib.ConfigError, match="has done 3 epochs: --epochs 1 cannot undo them"):
-        train.resume_run(run_dir, {"epochs": 1})
+        train.resume_run(copy, {"epochs": 1})
 
 
-def test_rel_an_edited_config_json_is_rewritten_from_the_checkpoint(rel_finished_run, tmp_path):
+def test_rel_an_edited_config_json_is_rewritten_from_the_checkpoint(rel_finished_run, tmp_path, capsys):
     run_dir = _rel_copy(rel_finished_run, tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
-    proc = run_script("train.py", "--resume", str(run_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    capsys.readouterr()
+    assert run_main(train.main, "--resume", str(run_dir)) is None
     assert "warning: config.json differs from checkpoint.pt's config (learning_rate 0.5 instead of 0.001)" in (
-        proc.stderr
+        capsys.readouterr().err
     )
     assert json.loads((run_dir / "config.json").read_text()) == config
 
