@@ -3170,8 +3170,6 @@ def rel_finished_run(tmp_path_factory) -> Path:
 
 
 def _rel_copy(run_dir: Path, tmp_path: Path) -> Path:
-    import shutil
-
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
@@ -3220,7 +3218,7 @@ def test_rel_resume_with_more_epochs_extends_a_finished_run(rel_finished_run, tm
     assert [int(r["epoch"]) for r in _train_metrics(run_dir)] == [1, 2, 3]
     assert json.loads((run_dir / "final_eval.json").read_text())["epoch"] == 3
     assert json.loads((run_dir / "final_eval_epoch0002.json").read_text())["env_steps"] == 40  # the old end's
-    copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))  # run_dir's lock stays held by this process's resume
+    copy = _rel_copy(run_dir, tmp_path / "copy")  # run_dir's lock stays held by this process's resume
     with pytest.raises(agent_lib.ConfigError, match="has done 3 epochs: --epochs 1 cannot undo them"):
         train.resume_run(copy, {"epochs": 1})
 
