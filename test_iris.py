@@ -230,9 +230,9 @@ def video_shapes(path: Path) -> list[tuple[int, ...]]:
 # The tiny preset, shrunk to the game: 16 tokens of a 16-code vocabulary, episodes of 4 steps. Same code path.
 # What it took (README "Does it learn?"): squared errors, without which D draws no ball; no dropout in this small G,
 # which with 0.1 learned the dynamics 3x slower; 64 segments per G batch; G after the tokenizer's first 180 steps.
-# 16x16 frames (each grid cell 4x4 pixels) cost a sixteenth of 64x64's in E, D and π's convs, whose two poolings
-# leave one feature per cell; a one-layer G, which learned the dynamics as fast as two layers at half the cost;
-# 32 trajectories per actor-critic batch. Greedy final evaluation over 200 episodes.
+# 8x8 frames (each grid cell 2x2 pixels) cost a 64th of 64x64's in E, D and π's convs, whose one halving and one
+# pooling leave one token and one feature per cell; a one-layer G, which learned the dynamics as fast as two layers
+# at half the cost; 32 trajectories per actor-critic batch. Greedy final evaluation over 200 episodes.
 # fmt: off
 CATCH_CONFIG = {
     "epochs": 20, "collection_epochs": 20, "env_steps_per_epoch": 100, "training_steps_per_epoch": 60,
@@ -240,14 +240,14 @@ CATCH_CONFIG = {
     "tokenizer_batch_size": 16, "world_model_batch_size": 64, "actor_critic_batch_size": 32,
     "learning_rate": 1e-3, "eval_every": 1000, "eval_episodes": 8, "final_eval_episodes": 200, "eval_envs": 8,
     "media_trajectories": 2, "eval_temperature": 0.0,
-    "env.frame_size": 16, "tokenizer.resolution": 16, "tokenizer.ch_mult": (1, 1, 1),
+    "env.frame_size": 8, "tokenizer.resolution": 8, "tokenizer.ch_mult": (1, 1),
     "tokenizer.ch": 16, "tokenizer.num_res_blocks": 1, "tokenizer.attn_resolutions": (), "tokenizer.z_channels": 16,
     "tokenizer.vocab_size": 16, "tokenizer.embed_dim": 16, "tokenizer.perceptual_weight": 0.0,
     "tokenizer.reconstruction_loss": "l2",
     "world_model.max_timesteps": 4, "world_model.embed_dim": 64, "world_model.num_layers": 1,
     "world_model.num_heads": 2, "world_model.embed_dropout": 0.0, "world_model.attn_dropout": 0.0,
     "world_model.resid_dropout": 0.0,
-    "actor_critic.conv_channels": (8, 16), "actor_critic.lstm_dim": 64, "actor_critic.burn_in": 2,
+    "actor_critic.conv_channels": (16,), "actor_critic.lstm_dim": 64, "actor_critic.burn_in": 2,
     "actor_critic.imagination_horizon": 4,
 }
 # fmt: on
@@ -951,13 +951,13 @@ def test_tokenizer_l2_reconstruction_learns_a_small_object():
     """reconstruction_loss = "l2" draws the ball within 200 steps; with "l1" and no perceptual term, D keeps drawing
     the background (ball error 0.61 here; 0.62 at 64x64 after 300 steps, README "Does it learn?").
 
-    The learning section's tokenizer (N = d = 16, 16x16 frames with 4x4 cells, two halvings: K = 16, one token per
+    The learning section's tokenizer (N = d = 16, 8x8 frames with 2x2 cells, one halving: K = 16, one token per
     cell) on CatchBall's frames.
     """
     torch.manual_seed(0)
     catch = {name.split(".")[1]: value for name, value in CATCH_CONFIG.items() if name.startswith("tokenizer.")}
     tokenizer = tiny_tokenizer(**catch)
-    assert tokenizer.config.resolution == 16 and tokenizer.config.reconstruction_loss == "l2"
+    assert tokenizer.config.resolution == 8 and tokenizer.config.reconstruction_loss == "l2"
     assert tokenizer.config.tokens_per_frame == 16
     cell = tokenizer.config.resolution // CatchBall.GRID  # pixels per grid cell
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=1e-3)
@@ -969,10 +969,10 @@ def test_tokenizer_l2_reconstruction_learns_a_small_object():
         optimizer.step()
     test = catch_frames(64, rng, cell=cell)
     with torch.no_grad():
-        error = (tokenizer.eval().encode_decode(test) - test.float() / 255).abs().mean(1)  # (64, 16, 16)
+        error = (tokenizer.eval().encode_decode(test) - test.float() / 255).abs().mean(1)  # (64, 8, 8)
     ball = (test.amax(1) > 0) & (test[:, 2] == 0)  # the ball's pixels, yellow or green (the paddle is blue)
     print(f"ball error {error[ball].mean():.3f}, background error {error[~ball].mean():.3f}")
-    assert error[ball].mean() < 0.2 and error[~ball].mean() < 0.05  # 0.08 here; with l1 the ball is erased (0.61)
+    assert error[ball].mean() < 0.2 and error[~ball].mean() < 0.05  # 0.10 here; with l1 the ball is erased (0.61)
 
 
 def test_tokenizer_learns_real_pong_frames(pong):
