@@ -9,6 +9,8 @@
     python learn.py run_tokenizer --runs runs/boxing_small_s0     # how soon does E tell the run's frames apart?
     python learn.py baselines --games RoadRunner Boxing    # stage 3's choice of game: a random policy against
                                                             # each action held constant, under the test protocol
+    python learn.py imagine --runs runs/crazyclimber_s0  # stage 3's diagnosis: the rewards that a run's G
+                                                            # imagines for fixed action patterns, and the real ones
 
 Data: a random policy (each action kept with probability ACTION_KEEP_PROB, so the paddle travels) plays the
 training env of env.py (episodes end on game over in Pong, which has no lives); a second seed gives held-out
@@ -62,6 +64,9 @@ RANDOM_EPISODES = 32  # episodes of the random policy that stage 3's curve compa
 CONSTANT_EPISODES = 8  # baselines: episodes of each action held constant
 BASELINE_FRAMES = 40_000  # baselines: frames a game at most (10,000 agent steps), so that a stuck action ends
 Z_95 = 1.96  # 95% two-sided normal quantile
+IMAGINE_STARTS = 256  # imagine: real frames of the run's dataset that the imagined trajectories start from
+REAL_STEPS = 2_000  # imagine: steps of the real game (test protocol) per action pattern
+RANDOM_PATTERN = "random"  # imagine: the uniformly random policy, beside the action patterns
 
 # The sizes found to learn Pong on one CPU core (README "Does it learn?"); the paper's are in
 # TokenizerConfig and WorldModelConfig. perceptual_weight 0: VGG16's ImageNet weights cannot be downloaded here.
@@ -633,6 +638,88 @@ def baselines(args: argparse.Namespace) -> None:
             print(f"{game} | always {name:<13} | {mean:8.1f} ± {half:.1f} ({args.constant_episodes} episodes)")
 
 
+def action_pattern(spec: str, meanings: list[str]) -> list[int] | None:
+    """ "UP,DOWN" (the game's action names, or indices) -> [2, 5], played in turn; "random" -> None (uniform)."""
+    if spec == RANDOM_PATTERN:
+        return None
+    pattern = []
+    for name in spec.split(","):
+        if name.isdigit() and int(name) < len(meanings):
+            pattern.append(int(name))
+        elif name in meanings:
+            pattern.append(meanings.index(name))
+        else:
+            raise SystemExit(f"learn.py imagine: no action {name!r}; this game's are {', '.join(meanings)}")
+    return pattern
+
+
+def pattern_actions(pattern: list[int] | None, t: int, count: int, num_actions: int) -> torch.Tensor:
+    """The actions of step t for count trajectories or envs: the pattern's t-th (in turn), or uniform draws."""
+    if pattern is None:
+        return torch.randint(num_actions, (count,))
+    return torch.full((count,), pattern[t % len(pattern)], dtype=torch.int64)
+
+
+@torch.no_grad()
+def imagined_reward_rate(
+    wm_env: WorldModelEnv, frames: torch.Tensor, pattern: list[int] | None, num_actions: int, horizon: int
+) -> float:
+    """Sum of r̂_t per 100 imagined steps, trajectories starting from real frames (B, 3, 64, 64) and acting by the
+    pattern; each trajectory counts up to its first imagined end d̂_t = 1, as the actor-critic's losses do."""
+    wm_env.reset(frames)
+    alive = torch.ones(len(frames))  # (B,) 1 until the first imagined end
+    total = steps = 0.0
+    for t in range(horizon):
+        rewards, ends, _ = wm_env.step(pattern_actions(pattern, t, len(frames), num_actions), decode=False)
+        total += (alive * rewards).sum().item()
+        steps += alive.sum().item()
+        alive = alive * (1 - ends)
+    return 100 * total / steps
+
+
+def real_reward_rate(
+    game: str, env_config: EnvConfig, pattern: list[int] | None, steps: int, seed: int
+) -> tuple[float, int]:
+    """Sum of sign(r_t) (the classes G predicts, Eq. (2)) per 100 steps of the real game under the test protocol,
+    acting by the pattern across episodes; and the number of episodes begun."""
+    env = make_env(game, train=False, seed=seed, config=env_config)
+    torch.manual_seed(seed)
+    total, episodes = 0.0, 1
+    for t in range(steps):
+        action = int(pattern_actions(pattern, t, 1, env.action_space.n))
+        _, reward, terminated, truncated, _ = env.step(action)
+        total += float(np.sign(reward))
+        if terminated or truncated:
+            env.reset()
+            episodes += 1
+    env.close()
+    return 100 * total / steps, episodes
+
+
+def imagine(args: argparse.Namespace) -> None:
+    """Does G's imagination reward what the real game rewards? For each action pattern (default: each action held
+    constant, and a random policy), the rewards that a run's G imagines from --starts frames of its dataset over
+    --horizon steps, beside those of --real_steps of the real game played the same way."""
+    run_dir, agent, buffer, args = load_run(args, "imagine", "actor_critic_batch_size")
+    config = agent.config
+    env = make_env(config.game, train=False, seed=args.seed, config=config.env)
+    meanings = env.unwrapped.get_action_meanings() if hasattr(env.unwrapped, "get_action_meanings") else None
+    env.close()
+    meanings = meanings or [str(a) for a in range(agent.num_actions)]
+    specs = args.patterns or [*meanings, RANDOM_PATTERN]
+    horizon = args.horizon or config.actor_critic.imagination_horizon
+    torch.manual_seed(args.seed)
+    frames = buffer.observations[torch.randint(len(buffer), (args.starts,))]  # x_0, (starts, 3, 64, 64)
+    wm_env = WorldModelEnv(agent.tokenizer, agent.world_model)
+    print(f"{run_dir}: {args.starts} imagined trajectories of {horizon} steps; {args.real_steps} real steps each")
+    print("actions | imagined rewards per 100 steps | real, per 100 steps (episodes)")
+    for spec in specs:
+        pattern = action_pattern(spec, meanings)
+        imagined = imagined_reward_rate(wm_env, frames, pattern, agent.num_actions, horizon)
+        real, episodes = real_reward_rate(config.game, config.env, pattern, args.real_steps, args.seed)
+        print(f"{spec:<24} | {imagined:8.2f} | {real:8.2f} ({episodes})")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CLIParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -676,6 +763,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loop.add_argument("--games", nargs="*", default=[], help="baselines: the games (default: --game)")
     loop.add_argument("--constant_episodes", type=int, default=CONSTANT_EPISODES, help="baselines: per action")
     loop.add_argument("--max_test_frames", type=int, default=BASELINE_FRAMES, help="baselines: cap of each game")
+    loop.add_argument(
+        "--patterns", nargs="*", default=[], help="imagine: e.g. DOWN UP,DOWN random (default: each action, random)"
+    )
+    loop.add_argument("--starts", type=int, default=IMAGINE_STARTS, help="imagine: imagined trajectories")
+    loop.add_argument("--horizon", type=int, default=None, help="imagine: imagined steps (default: the run's H)")
+    loop.add_argument("--real_steps", type=int, default=REAL_STEPS, help="imagine: real steps per pattern")
     args = parser.parse_args(argv)
     stage_defaults = STAGE_DEFAULTS.get(args.stage, {})
     for name, value in stage_defaults.items():
@@ -706,6 +799,7 @@ STAGES = {
     "run_world_model": run_world_model,
     "run_tokenizer": run_tokenizer,
     "baselines": baselines,
+    "imagine": imagine,
 }
 
 

@@ -1984,6 +1984,44 @@ def test_learn_run_tokenizer_trains_on_the_runs_first_steps_with_its_batch_and_l
     assert 1 <= int(rows[-1]["distinct_frames"]) <= 100
 
 
+def force_class(head: nn.Sequential, cls: int) -> None:
+    """Make an MLP head of G output class `cls` whatever its input: last layer's weights 0, a bias far ahead."""
+    with torch.no_grad():
+        head[-1].weight.zero_()
+        head[-1].bias.fill_(-30.0)
+        head[-1].bias[cls] = 30.0
+
+
+def test_learn_imagine_counts_imagined_and_real_rewards_per_100_steps(train_tiny_run, tmp_path, capsys):
+    """learn.py imagine: r̂_t per 100 imagined steps (Eq. (2)'s classes -1, 0, +1), beside sign(r_t) per 100 real
+    steps; on a G whose heads are forced, on CatchBall, whose rates are known, and on the tiny run."""
+    import learn
+
+    run_dir, _ = train_tiny_run
+    agent = agent_lib.Agent.load(run_dir / "checkpoint.pt", device="cpu").eval()
+    frames = ReplayBuffer.load(run_dir / "replay").observations[:4]  # x_0 of 4 imagined trajectories
+    wm_env = WorldModelEnv(agent.tokenizer, agent.world_model)
+    force_class(agent.world_model.head_rewards, 0)  # class 0: r̂ = -1 at every step
+    force_class(agent.world_model.head_ends, 0)  # never ends
+    assert learn.imagined_reward_rate(wm_env, frames, [0, 1], agent.num_actions, horizon=3) == -100.0
+    force_class(agent.world_model.head_rewards, 1)  # class 1: r̂ = 0
+    assert learn.imagined_reward_rate(wm_env, frames, None, agent.num_actions, horizon=3) == 0.0
+    # CatchBall's episodes last 4 steps and pay +1 when the paddle ends under the ball, else -1. Held still, the
+    # paddle is under it for 1 start in 4: 100 (1/4 - 3/4) / 4 = -12.5 per 100 steps (1,000 episodes: SE 0.7).
+    rate, episodes = learn.real_reward_rate(CATCH_ID, EnvConfig(), [0], 4000, seed=0)
+    assert episodes == 1001 and rate == pytest.approx(-12.5, abs=2.5)
+    assert learn.action_pattern("2,0", ["0", "1", "2"]) == [2, 0] and learn.action_pattern("random", []) is None
+    assert learn.action_pattern("LEFT,FIRE", ["NOOP", "FIRE", "RIGHT", "LEFT"]) == [3, 1]
+    with pytest.raises(SystemExit, match="no action 'JUMP'; this game's are NOOP, FIRE"):
+        learn.action_pattern("JUMP", ["NOOP", "FIRE"])
+    # The whole command on the tiny Pong run: each of Pong's 6 actions held, then the random policy
+    args = ["--runs", str(run_dir), "--out", str(tmp_path), "--starts", "4", "--horizon", "2", "--real_steps", "20"]
+    learn.main(["imagine", *args])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if " | " in line][1:]
+    assert [row[0].strip() for row in rows] == ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE", "random"]
+    assert all(-100 <= float(row[1]) <= 100 and row[2].strip().endswith("(1)") for row in rows)
+
+
 def test_figure4_video_frames_each_imagined_step_by_its_predicted_reward_and_end():
     # Two trajectories of 2 steps after x̂_0, frames of 2x2 pixels whose values name (trajectory, step).
     frames = torch.arange(6, dtype=torch.uint8).view(2, 3, 1, 1, 1).expand(2, 3, 3, 2, 2) * 10
