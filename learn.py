@@ -639,7 +639,8 @@ def baselines(args: argparse.Namespace) -> None:
 
 
 def action_pattern(spec: str, meanings: list[str]) -> list[int] | None:
-    """ "UP,DOWN" (the game's action names, or indices) -> [2, 5], played in turn; "random" -> None (uniform)."""
+    """An action pattern, played in turn: names or indices of the game's actions (with NOOP, UP, DOWN: "UP,DOWN" and
+    "1,2" -> [1, 2]), or "random" -> None (uniform draws)."""
     if spec == RANDOM_PATTERN:
         return None
     pattern = []
