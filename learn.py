@@ -174,9 +174,8 @@ def save_reconstructions(tokenizer: Tokenizer, frames: torch.Tensor, path: Path)
     Image.fromarray(grid.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()).save(path)
 
 
-def picture_frames(buffer: ReplayBuffer, median: torch.Tensor, count: int) -> torch.Tensor:
-    """count held-out frames with the most foreground (ball in play), spread over the buffer: (count, 3, 64, 64)."""
-    frames = buffer.observations
+def picture_frames(frames: torch.Tensor, median: torch.Tensor, count: int) -> torch.Tensor:
+    """count of the held-out frames (B, 3, 64, 64) with the most foreground (ball in play), spread over them."""
     foreground = ((to_unit(frames) - median).abs().amax(dim=1) > FOREGROUND_THRESHOLD).flatten(1).sum(1)  # (B,)
     stride = len(frames) // count
     picks = [i * stride + int(foreground[i * stride : (i + 1) * stride].argmax()) for i in range(count)]
@@ -203,7 +202,9 @@ def train_tokenizer(args: argparse.Namespace) -> None:
     print(f"tokenizer {config}")
     fit_tokenizer(tokenizer, train, eval_frames, median, args, out / "tokenizer_metrics.csv")
     atomic_save({"config": config.__dict__, "model": tokenizer.state_dict()}, out / "tokenizer.pt")
-    save_reconstructions(tokenizer, picture_frames(heldout, median, PICTURE_FRAMES), out / "reconstructions.png")
+    save_reconstructions(
+        tokenizer, picture_frames(heldout.observations, median, PICTURE_FRAMES), out / "reconstructions.png"
+    )
     train.truncate(WORLD_MODEL_TRAIN_STEPS)
     encode_buffers(tokenizer, {"train": train, "heldout": heldout}, out)
     print(f"saved {out / 'tokenizer.pt'}, {out / 'reconstructions.png'}, tokens in {out}/tokens_*.pt")
@@ -333,6 +334,8 @@ def run_tokenizer(args: argparse.Namespace) -> None:
     median = to_unit(frames).median(dim=0).values  # (3, 64, 64)
     own = tokenizer_metrics(agent.tokenizer, eval_frames, median)
     print("the run's own E, on the held-out frames: " + ", ".join(f"{k} {v:.4g}" for k, v in own.items()))
+    picture = Path(args.out) / "run_tokenizer_own.png"  # the run's own D(E(x)) under held-out frames
+    save_reconstructions(agent.tokenizer, picture_frames(eval_frames, median, PICTURE_FRAMES), picture)
     tokenizer = Tokenizer(config.tokenizer)
     fit_tokenizer(tokenizer, buffer, eval_frames, median, args, Path(args.out) / "run_tokenizer_metrics.csv")
 

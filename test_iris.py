@@ -1974,6 +1974,8 @@ def test_learn_run_tokenizer_trains_on_the_runs_first_steps_with_its_batch_and_l
     learn.main(["run_tokenizer", *args, "100"])
     printed = capsys.readouterr().out
     assert "batch 16, lr 0.001" in printed and "the run's own E, on the held-out frames: l1 " in printed
+    with PIL.Image.open(tmp_path / "run_tokenizer_own.png") as picture:  # 8 held-out frames above the run's D(E(x))
+        assert picture.size == (8 * 64 * learn.PICTURE_SCALE, 2 * 64 * learn.PICTURE_SCALE)
     rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
     frames = ReplayBuffer.load(run_dir / "replay").observations.float() / 255  # (300, 3, 64, 64)
