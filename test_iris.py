@@ -277,7 +277,7 @@ def test_train_learns_to_catch_the_ball(tmp_path, one_thread):
         f"last epoch {train.summary_line(run.history[-1])}"
     )
     assert random_return == pytest.approx(-0.5)  # every start and action sequence of CatchBall, counted
-    assert mean_return > 0.6  # seed 0: 0.90 over the 200 greedy episodes; seeds 1 and 2: 1.00 (README)
+    assert mean_return > 0.6  # seed 0: 1.00 over the 200 greedy episodes; seeds 1 to 4: 0.71 to 1.00 (README)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
