@@ -177,6 +177,15 @@ def make_env(game: str, train: bool = True, seed: int | None = None, config: Env
     return env
 
 
+def action_names(game: str, config: EnvConfig = ENV_DEFAULTS) -> list[str]:
+    """The names of a game's actions, index by index: ALE's (NOOP, FIRE, UP, ...) or, for another env, "0", "1", ..."""
+    env = make_env(game, train=False, config=config)
+    names = env.unwrapped.get_action_meanings() if hasattr(env.unwrapped, "get_action_meanings") else None
+    count = env.action_space.n
+    env.close()
+    return names or [str(action) for action in range(count)]
+
+
 def make_other_env(env_id: str, max_steps: int, seed: int | None, config: EnvConfig) -> gym.Env:
     """A registered non-Atari env with RGB frames: resized to 64x64 (cv2 INTER_AREA), episodes capped at max_steps."""
     env = gym.make(env_id, max_episode_steps=max_steps)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from agent import CHECKPOINT, Agent, CLIParser
-from env import EnvConfig, make_env, run_episodes
+from env import EnvConfig, action_names, make_env, run_episodes
 from replay import ReplayBuffer, atomic_save, write_json
 from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig, token_usage
 from train import FINAL_EVAL
@@ -550,9 +550,7 @@ def random_returns(game: str, env_config: EnvConfig, episodes: int, seed: int, o
     path = out / name
     if path.is_file():
         return json.loads(path.read_text())["returns"]
-    env = make_env(game, train=False, seed=seed, config=env_config)
-    num_actions = env.action_space.n
-    env.close()
+    num_actions = len(action_names(game, env_config))
     rng = np.random.default_rng(seed)
 
     def policy(obs: np.ndarray, first: np.ndarray) -> np.ndarray:  # uniformly random actions
@@ -624,19 +622,15 @@ def baselines(args: argparse.Namespace) -> None:
     out = Path(args.out)
     print(f"test protocol, at most {args.max_test_frames} frames a game; 95% CIs")
     for game in games:
-        env = make_env(game, train=False, seed=args.seed, config=env_config)
-        meanings = env.unwrapped.get_action_meanings() if hasattr(env.unwrapped, "get_action_meanings") else None
-        num_actions = env.action_space.n
-        env.close()
+        names = action_names(game, env_config)
         mean, half = mean_ci(random_returns(game, env_config, args.random_episodes, args.seed, out))
         print(f"{game} | random policy | {mean:8.1f} ± {half:.1f} ({args.random_episodes} episodes)")
-        for action in range(num_actions):
+        for action, name in enumerate(names):
 
             def constant(obs: np.ndarray, first: np.ndarray, action: int = action) -> np.ndarray:
                 return np.full(len(obs), action)
 
             returns = run_episodes(game, constant, args.constant_episodes, seed=args.seed, config=env_config)
-            name = meanings[action] if meanings else str(action)
             mean, half = mean_ci(returns)
             print(f"{game} | always {name:<13} | {mean:8.1f} ± {half:.1f} ({args.constant_episodes} episodes)")
 
@@ -657,10 +651,12 @@ def action_pattern(spec: str, meanings: list[str]) -> list[int] | None:
     return pattern
 
 
-def pattern_actions(pattern: list[int] | None, t: int, count: int, num_actions: int) -> torch.Tensor:
+def pattern_actions(
+    pattern: list[int] | None, t: int, count: int, num_actions: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The actions of step t for count trajectories or envs: the pattern's t-th (in turn), or uniform draws."""
     if pattern is None:
-        return torch.randint(num_actions, (count,))
+        return torch.randint(num_actions, (count,), generator=generator)
     return torch.full((count,), pattern[t % len(pattern)], dtype=torch.int64)
 
 
@@ -687,10 +683,10 @@ def real_reward_rate(
     """Sum of sign(r_t) (the classes G predicts, Eq. (2)) per 100 steps of the real game under the test protocol,
     acting by the pattern across episodes; and the number of episodes begun."""
     env = make_env(game, train=False, seed=seed, config=env_config)
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     total, episodes = 0.0, 1
     for t in range(steps):
-        action = int(pattern_actions(pattern, t, 1, env.action_space.n))
+        action = int(pattern_actions(pattern, t, 1, env.action_space.n, generator))
         _, reward, terminated, truncated, _ = env.step(action)
         total += float(np.sign(reward))
         if terminated or truncated:
@@ -706,10 +702,7 @@ def imagine(args: argparse.Namespace) -> None:
     --horizon steps, beside those of --real_steps of the real game played the same way."""
     run_dir, agent, buffer, args = load_run(args, "imagine", "actor_critic_batch_size")
     config = agent.config
-    env = make_env(config.game, train=False, seed=args.seed, config=config.env)
-    meanings = env.unwrapped.get_action_meanings() if hasattr(env.unwrapped, "get_action_meanings") else None
-    env.close()
-    meanings = meanings or [str(a) for a in range(agent.num_actions)]
+    meanings = action_names(config.game, config.env)
     specs = args.patterns or [*meanings, RANDOM_PATTERN]
     horizon = args.horizon or config.actor_critic.imagination_horizon
     torch.manual_seed(args.seed)

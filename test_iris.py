@@ -49,7 +49,7 @@ from actor_critic import (
     imagine,
 )
 from agent import authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
-from env import ATARI_100K_GAMES, EnvConfig, canonical_game, make_env, run_episodes
+from env import ATARI_100K_GAMES, EnvConfig, action_names, canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
 from tokenizer import PerceptualLoss, Tokenizer, TokenizerConfig, commitment_losses
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv, interleave, sample
@@ -388,6 +388,8 @@ def test_env_other_gymnasium_envs_with_rgb_frames():
     assert len(returns) == 6 and set(returns) <= {-1.0, 1.0}
     with pytest.raises(ValueError, match=r"RGB frames, a Box of shape \(H, W, 3\)"):
         make_env("CartPole-v1")
+    assert action_names(CATCH_ID) == ["0", "1", "2"]  # no names of its own: the indices
+    assert action_names("Pong") == ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
 
 
 def test_env_module_colon_id_registers_a_users_env_for_train_py(tmp_path, monkeypatch):
