@@ -110,7 +110,7 @@ def load_data(out: Path, game: str, seed: int) -> tuple[ReplayBuffer, ReplayBuff
     buffers = []
     for name, steps, env_seed in (("train", TRAIN_STEPS, seed), ("heldout", HELDOUT_STEPS, seed + HELDOUT_SEED_OFFSET)):
         path = out / f"replay_{name}.pt"
-        if not path.is_file():
+        if not path.exists():  # a ReplayBuffer is saved as a folder
             start = time.time()
             collect(game, steps, env_seed).save(path)
             print(f"collected {steps} {name} steps of {game} in {time.time() - start:.0f} s -> {path}")

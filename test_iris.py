@@ -1988,6 +1988,19 @@ def test_learn_run_tokenizer_trains_on_the_runs_first_steps_with_its_batch_and_l
     assert 1 <= int(rows[-1]["distinct_frames"]) <= 100
 
 
+def test_learn_collects_its_data_once(tmp_path, monkeypatch, capsys):
+    """learn.py's data sets are collected on the first call and read back on the next (a ReplayBuffer is a folder)."""
+    import learn
+
+    monkeypatch.setattr(learn, "TRAIN_STEPS", 30)  # sizes only: the collection itself is the real one, on Pong
+    monkeypatch.setattr(learn, "HELDOUT_STEPS", 20)
+    first = learn.load_data(tmp_path, "Pong", seed=0)
+    assert capsys.readouterr().out.count("collected") == 2
+    second = learn.load_data(tmp_path, "Pong", seed=0)
+    assert "collected" not in capsys.readouterr().out
+    assert [len(b) for b in second] == [30, 20] and torch.equal(first[0].observations, second[0].observations)
+
+
 def force_class(head: nn.Sequential, cls: int) -> None:
     """Make an MLP head of G output class `cls` whatever its input: last layer's weights 0, a bias far ahead."""
     with torch.no_grad():
