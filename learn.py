@@ -35,7 +35,7 @@ import torch
 from agent import CHECKPOINT, Agent, CLIParser
 from env import EnvConfig, action_names, make_env, run_episodes
 from replay import ReplayBuffer, atomic_save, write_json
-from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig, token_usage
+from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig, postprocess, token_usage
 from train import FINAL_EVAL
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv
 
@@ -63,6 +63,7 @@ HELDOUT_RUN_STEPS = 1_000  # run_world_model: the last steps of a run's dataset,
 RANDOM_EPISODES = 32  # episodes of the random policy that stage 3's curve compares with
 CONSTANT_EPISODES = 8  # baselines: episodes of each action held constant
 BASELINE_FRAMES = 40_000  # baselines: frames a game at most (10,000 agent steps), so that a stuck action ends
+NAN = float("nan")  # --continuous: no codes to count
 Z_95 = 1.96  # 95% two-sided normal quantile
 IMAGINE_STARTS = 256  # imagine: real frames of the run's dataset that the imagined trajectories start from
 REAL_STEPS = 2_000  # imagine: steps of the real game (test protocol) per action pattern
@@ -132,21 +133,44 @@ def to_unit(frames: torch.Tensor) -> torch.Tensor:
     return frames.float() / 255  # uint8 -> [0, 1]
 
 
+def unquantized(tokenizer: Tokenizer, x: torch.Tensor) -> torch.Tensor:
+    """--continuous: D(E(x)) with y = E(x) straight into D, no codebook. x, result (B, 3, 64, 64) in [-1, 1]."""
+    return tokenizer._decode_continuous(tokenizer._encode_continuous(x))
+
+
+def continuous_losses(tokenizer: Tokenizer, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    """--continuous: Appendix A.1's reconstruction term alone, on E and D without the codebook. A diagnosis, not
+    the paper: if E and D alone cannot keep the objects, the quantisation is not what loses them."""
+    x = tokenizer._preprocess(frames)  # (B, 3, 64, 64) in [-1, 1]
+    return {"total": tokenizer.reconstruction_term(x - unquantized(tokenizer, x))}
+
+
 @torch.no_grad()
-def reconstruct(tokenizer: Tokenizer, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """frames (B, 3, 64, 64) uint8 -> tokens (B, K), D(E(x)) (B, 3, 64, 64) in [0, 1], in eval mode."""
+def reconstruct(
+    tokenizer: Tokenizer, frames: torch.Tensor, continuous: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """frames (B, 3, 64, 64) uint8 -> tokens (B, K), D(E(x)) (B, 3, 64, 64) in [0, 1], in eval mode.
+    continuous: no codebook (tokens None)."""
     was_training = tokenizer.training
     tokenizer.eval()
-    tokens = torch.cat([tokenizer.encode(chunk) for chunk in frames.split(ENCODE_BATCH)])  # (B, K)
-    images = torch.cat([tokenizer.decode(chunk) for chunk in tokens.split(ENCODE_BATCH)])  # (B, 3, 64, 64)
+    if continuous:
+        tokens = None
+        chunks = [unquantized(tokenizer, tokenizer._preprocess(chunk)) for chunk in frames.split(ENCODE_BATCH)]
+        images = postprocess(torch.cat(chunks)).clamp(0.0, 1.0)  # (B, 3, 64, 64)
+    else:
+        tokens = torch.cat([tokenizer.encode(chunk) for chunk in frames.split(ENCODE_BATCH)])  # (B, K)
+        images = torch.cat([tokenizer.decode(chunk) for chunk in tokens.split(ENCODE_BATCH)])  # (B, 3, 64, 64)
     tokenizer.train(was_training)
     return tokens, images
 
 
-def tokenizer_metrics(tokenizer: Tokenizer, frames: torch.Tensor, median: torch.Tensor) -> dict[str, float]:
-    """Held-out frames (B, 3, 64, 64) uint8, median frame (3, 64, 64) in [0, 1] -> the stage-1 measurements."""
+def tokenizer_metrics(
+    tokenizer: Tokenizer, frames: torch.Tensor, median: torch.Tensor, continuous: bool = False
+) -> dict[str, float]:
+    """Held-out frames (B, 3, 64, 64) uint8, median frame (3, 64, 64) in [0, 1] -> the stage-1 measurements
+    (continuous: of D(E(x)) without the codebook, with no codes to count)."""
     x = to_unit(frames)  # (B, 3, 64, 64)
-    tokens, x_hat = reconstruct(tokenizer, frames)
+    tokens, x_hat = reconstruct(tokenizer, frames, continuous)
     foreground = ((x - median).abs().amax(dim=1) > FOREGROUND_THRESHOLD).unsqueeze(1)  # (B, 1, 64, 64)
     fg = foreground.expand_as(x)
     distances = torch.cdist(x.flatten(1), x_hat.flatten(1), p=1) / x[0].numel()  # (B, B) mean L1 of x_i to x̂_j
@@ -159,15 +183,15 @@ def tokenizer_metrics(tokenizer: Tokenizer, frames: torch.Tensor, median: torch.
         "fg_l1": (x - x_hat).abs()[fg].mean().item(),
         "fg_l1_median": (x - median).abs()[fg].mean().item(),
         "discrimination": closer[pairs].float().mean().item(),
-        **token_usage(tokens),
+        **(token_usage(tokens) if tokens is not None else {"codes_used": NAN, "distinct_frames": NAN}),
     }
 
 
-def save_reconstructions(tokenizer: Tokenizer, frames: torch.Tensor, path: Path) -> None:
+def save_reconstructions(tokenizer: Tokenizer, frames: torch.Tensor, path: Path, continuous: bool = False) -> None:
     """PNG: held-out frames (top row) above D(E(x)) (bottom row)."""
     from PIL import Image
 
-    _, x_hat = reconstruct(tokenizer, frames)
+    _, x_hat = reconstruct(tokenizer, frames, continuous)
     rows = torch.stack([to_unit(frames), x_hat])  # (2, B, 3, 64, 64)
     grid = rows.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (2*64, B*64, 3)
     grid = grid.repeat_interleave(PICTURE_SCALE, 0).repeat_interleave(PICTURE_SCALE, 1)
@@ -202,9 +226,11 @@ def train_tokenizer(args: argparse.Namespace) -> None:
     print(f"tokenizer {config}")
     fit_tokenizer(tokenizer, train, eval_frames, median, args, out / "tokenizer_metrics.csv")
     atomic_save({"config": config.__dict__, "model": tokenizer.state_dict()}, out / "tokenizer.pt")
-    save_reconstructions(
-        tokenizer, picture_frames(heldout.observations, median, PICTURE_FRAMES), out / "reconstructions.png"
-    )
+    picture = picture_frames(heldout.observations, median, PICTURE_FRAMES)
+    save_reconstructions(tokenizer, picture, out / "reconstructions.png", args.continuous)
+    if args.continuous:  # no tokens for stage 2
+        print(f"saved {out / 'tokenizer.pt'}, {out / 'reconstructions.png'}")
+        return
     train.truncate(WORLD_MODEL_TRAIN_STEPS)
     encode_buffers(tokenizer, {"train": train, "heldout": heldout}, out)
     print(f"saved {out / 'tokenizer.pt'}, {out / 'reconstructions.png'}, tokens in {out}/tokens_*.pt")
@@ -243,14 +269,15 @@ def fit_tokenizer(
                     "step": step,
                     "minutes": (time.time() - start) / 60,
                     "loss": loss,
-                    **tokenizer_metrics(tokenizer, eval_frames, median),
+                    **tokenizer_metrics(tokenizer, eval_frames, median, args.continuous),
                 }
             )
         if last:
             break
-        if args.restart_every and step % args.restart_every == 0 and step:
+        if args.restart_every and step % args.restart_every == 0 and step and not args.continuous:
             tokenizer.restart_unused_codes(train.sample_frames(RESTART_FRAMES))
-        losses = tokenizer.loss(train.sample_frames(args.batch))
+        frames = train.sample_frames(args.batch)
+        losses = continuous_losses(tokenizer, frames) if args.continuous else tokenizer.loss(frames)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         loss = losses["total"].item()
@@ -743,6 +770,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("ch", "z_channels", "vocab_size", "embed_dim"):
         tok.add_argument(f"--{name}", type=int, default=TOKENIZER_SMALL[name])
     tok.add_argument("--reconstruction_loss", choices=RECONSTRUCTION_LOSSES, default="l1", help="l1: Appendix A.1")
+    tok.add_argument(
+        "--continuous",
+        action="store_true",
+        help="E and D without the codebook, D(E(x)): is quantisation what loses the objects? (not the paper)",
+    )
     wm = parser.add_argument_group("stage 2: world model")
     wm.add_argument("--timesteps", type=int, default=WORLD_MODEL_SMALL["max_timesteps"], help="L, steps per segment")
     wm.add_argument("--num_layers", type=int, default=WORLD_MODEL_SMALL["num_layers"])

@@ -2001,6 +2001,29 @@ def test_learn_collects_its_data_once(tmp_path, monkeypatch, capsys):
     assert [len(b) for b in second] == [30, 20] and torch.equal(first[0].observations, second[0].observations)
 
 
+def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tmp_path):
+    """learn.py --continuous: D(E(x)) with E's output y straight into D (worked out here from the layers); the loss
+    is the reconstruction term alone, so the codebook gets no gradient; no codes are counted."""
+    import learn
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(perceptual_weight=0.0)
+    frames = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    x = frames.float() / 255 * 2 - 1
+    by_hand = tokenizer.decoder(tokenizer.post_quant_conv(tokenizer.pre_quant_conv(tokenizer.encoder(x))))
+    loss = learn.continuous_losses(tokenizer, frames)["total"]
+    assert loss.item() == pytest.approx((x - by_hand).abs().mean().item(), rel=1e-5)  # TINY: L1
+    loss.backward()
+    assert tokenizer.embedding.weight.grad is None and tokenizer.encoder[0].weight.grad is not None
+    tokens, images = learn.reconstruct(tokenizer, frames, continuous=True)
+    assert tokens is None and torch.allclose(images, ((by_hand + 1) / 2).clamp(0, 1), atol=1e-5)
+    run_dir, _ = train_tiny_run
+    args = ["--runs", str(run_dir), "--out", str(tmp_path), "--steps", "1", "--heldout_steps", "100", "--continuous"]
+    learn.main(["run_tokenizer", *args])
+    rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
+    assert [r["codes_used"] for r in rows] == ["nan", "nan"] and 0 <= float(rows[-1]["discrimination"]) <= 1
+
+
 def force_class(head: nn.Sequential, cls: int) -> None:
     """Make an MLP head of G output class `cls` whatever its input: last layer's weights 0, a bias far ahead."""
     with torch.no_grad():

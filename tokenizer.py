@@ -307,10 +307,7 @@ class Tokenizer(nn.Module):
         # Differs from the paper (as the reference code): norms are averaged over elements, not summed, and L1 is
         # taken in the network's [-1, 1] space (twice the L1 in [0, 1]).
         error = x - reconstruction  # (B, 3, 64, 64)
-        # Differs from the paper when reconstruction_loss = "l2": without L_perceptual, the L1 term alone left small
-        # objects (a 16x16 ball, Pong's ball, Boxing's boxers) out of D's frames; squared errors learn them.
-        l1 = self.config.reconstruction_loss == "l1"
-        losses = {"reconstruction": error.abs().mean() if l1 else error.pow(2).mean()}  # Appendix A.1, term 1
+        losses = {"reconstruction": self.reconstruction_term(error)}  # Appendix A.1, term 1
         losses["codebook"], losses["commitment"] = commitment_losses(y, z_q)  # Appendix A.1, terms 2 and 3
         total = losses["reconstruction"] + losses["codebook"] + losses["commitment"]
         if self.config.perceptual_weight > 0:
@@ -323,6 +320,15 @@ class Tokenizer(nn.Module):
         losses["total"] = total
         losses.update(codebook_metrics(tokens, self.config.vocab_size))
         return losses
+
+    def reconstruction_term(self, error: Tensor) -> Tensor:
+        """Appendix A.1, term 1, of error = x - D(z) (B, 3, 64, 64): mean |error|, or mean squared error when
+        reconstruction_loss = "l2".
+
+        Differs from the paper when reconstruction_loss = "l2": without L_perceptual, the L1 term alone left small
+        objects (a 16x16 ball, Pong's ball, Boxing's boxers) out of D's frames; squared errors learn them.
+        """
+        return error.abs().mean() if self.config.reconstruction_loss == "l1" else error.pow(2).mean()
 
     @torch.no_grad()
     def restart_unused_codes(self, frames: Tensor) -> int:
