@@ -63,7 +63,9 @@ HELDOUT_RUN_STEPS = 1_000  # run_world_model: the last steps of a run's dataset,
 RANDOM_EPISODES = 32  # episodes of the random policy that stage 3's curve compares with
 CONSTANT_EPISODES = 8  # baselines: episodes of each action held constant
 BASELINE_FRAMES = 40_000  # baselines: frames a game at most (10,000 agent steps), so that a stuck action ends
-NAN = float("nan")  # --continuous: no codes to count
+NAN = float("nan")  # --continuous_steps: no codes to count
+KMEANS_FRAMES = 1_024  # --continuous_steps: frames whose E outputs y^k the codebook's k-means runs on
+KMEANS_ITERATIONS = 20  # --continuous_steps: Lloyd iterations of that k-means
 Z_95 = 1.96  # 95% two-sided normal quantile
 IMAGINE_STARTS = 256  # imagine: real frames of the run's dataset that the imagined trajectories start from
 REAL_STEPS = 2_000  # imagine: steps of the real game (test protocol) per action pattern
@@ -134,13 +136,13 @@ def to_unit(frames: torch.Tensor) -> torch.Tensor:
 
 
 def unquantized(tokenizer: Tokenizer, x: torch.Tensor) -> torch.Tensor:
-    """--continuous: D(E(x)) with y = E(x) straight into D, no codebook. x, result (B, 3, 64, 64) in [-1, 1]."""
+    """--continuous_steps: D(E(x)) with y = E(x) straight into D, no codebook. x, result (B, 3, 64, 64) in [-1, 1]."""
     return tokenizer._decode_continuous(tokenizer._encode_continuous(x))
 
 
 def continuous_losses(tokenizer: Tokenizer, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-    """--continuous: Appendix A.1's reconstruction term alone, on E and D without the codebook. A diagnosis, not
-    the paper: if E and D alone cannot keep the objects, the quantisation is not what loses them."""
+    """--continuous_steps: Appendix A.1's reconstruction term alone, on E and D without the codebook. Not the paper:
+    a diagnosis (if E and D alone cannot keep the objects, the quantisation is not what loses them) and a warm-up."""
     x = tokenizer._preprocess(frames)  # (B, 3, 64, 64) in [-1, 1]
     return {"total": tokenizer.reconstruction_term(x - unquantized(tokenizer, x))}
 
@@ -224,11 +226,12 @@ def train_tokenizer(args: argparse.Namespace) -> None:
     )
     tokenizer = Tokenizer(config)
     print(f"tokenizer {config}")
-    fit_tokenizer(tokenizer, train, eval_frames, median, args, out / "tokenizer_metrics.csv")
+    steps = fit_tokenizer(tokenizer, train, eval_frames, median, args, out / "tokenizer_metrics.csv")
     atomic_save({"config": config.__dict__, "model": tokenizer.state_dict()}, out / "tokenizer.pt")
     picture = picture_frames(heldout.observations, median, PICTURE_FRAMES)
-    save_reconstructions(tokenizer, picture, out / "reconstructions.png", args.continuous)
-    if args.continuous:  # no tokens for stage 2
+    continuous = steps < args.continuous_steps
+    save_reconstructions(tokenizer, picture, out / "reconstructions.png", continuous)
+    if continuous:  # no codebook was trained: no tokens for stage 2
         print(f"saved {out / 'tokenizer.pt'}, {out / 'reconstructions.png'}")
         return
     train.truncate(WORLD_MODEL_TRAIN_STEPS)
@@ -243,9 +246,9 @@ def fit_tokenizer(
     median: torch.Tensor,
     args: argparse.Namespace,
     path: Path,
-) -> None:
+) -> int:
     """Stage 1's loop: Adam steps on frames drawn from train, with dead-code restarts if asked, and the held-out
-    measurements every --eval_every steps, printed and written to path."""
+    measurements every --eval_every steps, printed and written to path. Returns the steps taken (--minutes)."""
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.lr, betas=ADAM_BETAS)
     print(f"{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, lr {args.lr}")
     columns = [
@@ -263,26 +266,49 @@ def fit_tokenizer(
     start, loss = time.time(), float("nan")  # loss: the last training batch's (none before step 1)
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
+        continuous = step < args.continuous_steps
+        if step == args.continuous_steps and step:
+            kmeans_codebook(tokenizer, train.sample_frames(KMEANS_FRAMES))
         if step % args.eval_every == 0 or last:
             table.row(
                 {
                     "step": step,
                     "minutes": (time.time() - start) / 60,
                     "loss": loss,
-                    **tokenizer_metrics(tokenizer, eval_frames, median, args.continuous),
+                    **tokenizer_metrics(tokenizer, eval_frames, median, continuous),
                 }
             )
         if last:
-            break
-        if args.restart_every and step % args.restart_every == 0 and step and not args.continuous:
+            return step
+        if args.restart_every and step % args.restart_every == 0 and step and not continuous:
             tokenizer.restart_unused_codes(train.sample_frames(RESTART_FRAMES))
         frames = train.sample_frames(args.batch)
-        losses = continuous_losses(tokenizer, frames) if args.continuous else tokenizer.loss(frames)
+        losses = continuous_losses(tokenizer, frames) if continuous else tokenizer.loss(frames)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         loss = losses["total"].item()
         torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), MAX_GRAD_NORM)
         optimizer.step()
+
+
+@torch.no_grad()
+def kmeans_codebook(tokenizer: Tokenizer, frames: torch.Tensor) -> None:
+    """--continuous_steps: the codebook {e_i} set to N k-means centroids of E's outputs y^k on frames, as Łańcucki
+    et al. (2020) re-initialise codebooks, so that the switch to tokens starts where E's outputs are."""
+    was_training = tokenizer.training
+    tokenizer.eval()
+    y = torch.cat([tokenizer._encode_continuous(tokenizer._preprocess(c)) for c in frames.split(ENCODE_BATCH)])
+    tokenizer.train(was_training)
+    y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # (B*K, d)
+    n = tokenizer.config.vocab_size
+    picks = torch.randperm(len(y))[:n] if len(y) >= n else torch.randint(len(y), (n,))  # fewer y than N: repeats
+    centroids = y[picks].clone()  # (N, d)
+    for _ in range(KMEANS_ITERATIONS):
+        nearest = torch.cdist(y, centroids).argmin(dim=1)  # (B*K,)
+        sums = torch.zeros_like(centroids).index_add_(0, nearest, y)
+        counts = torch.bincount(nearest, minlength=len(centroids)).unsqueeze(1)  # (N, 1)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # an empty cluster keeps its point
+    tokenizer.embedding.weight.copy_(centroids)
 
 
 def encode_buffers(tokenizer: Tokenizer, buffers: dict[str, ReplayBuffer], out: Path) -> None:
@@ -771,9 +797,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         tok.add_argument(f"--{name}", type=int, default=TOKENIZER_SMALL[name])
     tok.add_argument("--reconstruction_loss", choices=RECONSTRUCTION_LOSSES, default="l1", help="l1: Appendix A.1")
     tok.add_argument(
-        "--continuous",
-        action="store_true",
-        help="E and D without the codebook, D(E(x)): is quantisation what loses the objects? (not the paper)",
+        "--continuous_steps",
+        type=int,
+        default=0,
+        help="first steps with E and D alone, D(E(x)), then k-means codes (not the paper); >= --steps: no codebook",
     )
     wm = parser.add_argument_group("stage 2: world model")
     wm.add_argument("--timesteps", type=int, default=WORLD_MODEL_SMALL["max_timesteps"], help="L, steps per segment")

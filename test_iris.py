@@ -2001,9 +2001,30 @@ def test_learn_collects_its_data_once(tmp_path, monkeypatch, capsys):
     assert [len(b) for b in second] == [30, 20] and torch.equal(first[0].observations, second[0].observations)
 
 
+def test_learn_kmeans_codebook_puts_each_code_at_the_mean_of_its_encoder_outputs():
+    """--continuous_steps' switch to tokens: the codebook becomes Lloyd's fixed point on E's outputs y^k (each code
+    the mean of the y^k nearest to it), which quantises them closer than the random picks k-means starts from."""
+    import learn
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(perceptual_weight=0.0, vocab_size=8)
+    frames = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        y = tokenizer.eval()._encode_continuous(tokenizer._preprocess(frames))
+    y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # (16 * K, d)
+    picked = y[torch.randperm(len(y))[:8]]  # random picks, as k-means starts from
+    torch.manual_seed(0)
+    learn.kmeans_codebook(tokenizer, frames)
+    codes = tokenizer.embedding.weight.detach()  # (8, d)
+    nearest = torch.cdist(y, codes).argmin(dim=1)
+    for i in nearest.unique():
+        assert torch.allclose(codes[i], y[nearest == i].mean(dim=0), atol=1e-5)
+    assert torch.cdist(y, codes).amin(dim=1).mean() < torch.cdist(y, picked).amin(dim=1).mean()
+
+
 def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tmp_path):
-    """learn.py --continuous: D(E(x)) with E's output y straight into D (worked out here from the layers); the loss
-    is the reconstruction term alone, so the codebook gets no gradient; no codes are counted."""
+    """learn.py --continuous_steps: D(E(x)) with E's output y straight into D (worked out here from the layers); the
+    loss is the reconstruction term alone, so the codebook gets no gradient; no codes are counted until the switch."""
     import learn
 
     torch.manual_seed(0)
@@ -2018,10 +2039,10 @@ def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tm
     tokens, images = learn.reconstruct(tokenizer, frames, continuous=True)
     assert tokens is None and torch.allclose(images, ((by_hand + 1) / 2).clamp(0, 1), atol=1e-5)
     run_dir, _ = train_tiny_run
-    args = ["--runs", str(run_dir), "--out", str(tmp_path), "--steps", "1", "--heldout_steps", "100", "--continuous"]
-    learn.main(["run_tokenizer", *args])
+    args = ["--runs", str(run_dir), "--out", str(tmp_path), "--steps", "2", "--heldout_steps", "100"]
+    learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "1"])
     rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
-    assert [r["codes_used"] for r in rows] == ["nan", "nan"] and 0 <= float(rows[-1]["discrimination"]) <= 1
+    assert rows[0]["codes_used"] == "nan" and int(rows[1]["codes_used"]) > 0  # tokens from step 1, k-means codes
 
 
 def force_class(head: nn.Sequential, cls: int) -> None:
