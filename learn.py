@@ -1,6 +1,8 @@
 """Does it learn? The components of IRIS trained alone on real Atari frames, with held-out measurements.
 
     python learn.py tokenizer      # stage 1: E, D and the codebook (Section 2.1, Appendix A.1) on Pong frames
+    python learn.py tokenizer --reconstruction_loss l2 --continuous_steps 3000 --steps 5000   # Pong's tokens
+                                   # past the codebook's collapse: E and D alone first (README "Does it learn?")
     python learn.py world_model    # stage 2: G (Section 2.2, Eqs. (1)-(3), Appendix A.2) on the stage-1 tokens
     python learn.py curve --runs runs/boxing_small_s0 [...]   # stage 3: train.py's runs (Algorithm 1) against
                                                             # a random policy: a table and a learning-curve PNG
