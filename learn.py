@@ -228,10 +228,9 @@ def train_tokenizer(args: argparse.Namespace) -> None:
     )
     tokenizer = Tokenizer(config)
     print(f"tokenizer {config}")
-    steps = fit_tokenizer(tokenizer, train, eval_frames, median, args, out / "tokenizer_metrics.csv")
+    continuous = fit_tokenizer(tokenizer, train, eval_frames, median, args, out / "tokenizer_metrics.csv")
     atomic_save({"config": config.__dict__, "model": tokenizer.state_dict()}, out / "tokenizer.pt")
     picture = picture_frames(heldout.observations, median, PICTURE_FRAMES)
-    continuous = steps < args.continuous_steps
     save_reconstructions(tokenizer, picture, out / "reconstructions.png", continuous)
     if continuous:  # no codebook was trained: no tokens for stage 2
         print(f"saved {out / 'tokenizer.pt'}, {out / 'reconstructions.png'}")
@@ -248,9 +247,10 @@ def fit_tokenizer(
     median: torch.Tensor,
     args: argparse.Namespace,
     path: Path,
-) -> int:
+) -> bool:
     """Stage 1's loop: Adam steps on frames drawn from train, with dead-code restarts if asked, and the held-out
-    measurements every --eval_every steps, printed and written to path. Returns the steps taken (--minutes)."""
+    measurements every --eval_every steps, printed and written to path. Returns whether it ended before the codebook
+    was used (--continuous_steps at least --steps, or --minutes up before them)."""
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.lr, betas=ADAM_BETAS)
     print(f"{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, lr {args.lr}")
     columns = [
@@ -268,8 +268,8 @@ def fit_tokenizer(
     start, loss = time.time(), float("nan")  # loss: the last training batch's (none before step 1)
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
-        continuous = step < args.continuous_steps
-        if step == args.continuous_steps and step:
+        continuous = step < args.continuous_steps or args.continuous_steps >= args.steps
+        if step == args.continuous_steps and not continuous and step:
             kmeans_codebook(tokenizer, train.sample_frames(KMEANS_FRAMES))
         if step % args.eval_every == 0 or last:
             table.row(
@@ -281,7 +281,7 @@ def fit_tokenizer(
                 }
             )
         if last:
-            return step
+            return continuous
         if args.restart_every and step % args.restart_every == 0 and step and not continuous:
             tokenizer.restart_unused_codes(train.sample_frames(RESTART_FRAMES))
         frames = train.sample_frames(args.batch)

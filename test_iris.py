@@ -2043,6 +2043,9 @@ def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tm
     learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "1"])
     rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
     assert rows[0]["codes_used"] == "nan" and int(rows[1]["codes_used"]) > 0  # tokens from step 1, k-means codes
+    learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "2"])  # as many as --steps
+    rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
+    assert [r["codes_used"] for r in rows] == ["nan"] * 3  # no codebook to the end
 
 
 def force_class(head: nn.Sequential, cls: int) -> None:
