@@ -52,6 +52,8 @@ RESTART_FRAMES = 64  # frames whose encoder outputs decide which codes are unuse
 EVAL_FRAMES = 256  # held-out frames for the tokenizer's measurements
 FOREGROUND_THRESHOLD = 0.1  # a pixel is foreground when a channel differs from the median frame by more (in [0, 1])
 MEDIAN_FRAMES = 2_000  # training frames whose pixelwise median is the background
+# Pong's field at 64x64 between the walls (rows) and between the paddles (columns): its foreground is the ball alone.
+BALL_REGIONS = {"Pong": (slice(11, 58), slice(8, 56))}
 PICTURE_FRAMES = 8  # columns of the reconstruction PNG
 PICTURE_SCALE = 4  # nearest-neighbour upscaling of the pictures
 EVAL_SEGMENTS = 256  # held-out segments for the world model's measurements
@@ -142,11 +144,26 @@ def unquantized(tokenizer: Tokenizer, x: torch.Tensor) -> torch.Tensor:
     return tokenizer._decode_continuous(tokenizer._encode_continuous(x))
 
 
-def continuous_losses(tokenizer: Tokenizer, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+def foreground(x: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
+    """Frames x (B, 3, 64, 64) in [0, 1], median frame (3, 64, 64) -> (B, 1, 64, 64) bool: the pixels that differ from
+    the background (ball, paddles, score)."""
+    return ((x - median).abs().amax(dim=1) > FOREGROUND_THRESHOLD).unsqueeze(1)
+
+
+def pixel_weights(frames: torch.Tensor, median: torch.Tensor, foreground_weight: float) -> torch.Tensor | None:
+    """--foreground_weight w: reconstruction weights (B, 1, 64, 64), 1 + w on foreground pixels and 1 elsewhere;
+    None (the paper's unweighted term) for w = 0. Not the paper: without L_perceptual, Pong's ball (one or two pixels
+    of 4,096) weighs too little in the mean for D to draw it (README "Does it learn?")."""
+    return 1 + foreground_weight * foreground(to_unit(frames), median).float() if foreground_weight else None
+
+
+def continuous_losses(
+    tokenizer: Tokenizer, frames: torch.Tensor, weights: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """--continuous_steps: Appendix A.1's reconstruction term alone, on E and D without the codebook. Not the paper:
     a diagnosis (if E and D alone cannot keep the objects, the quantisation is not what loses them) and a warm-up."""
     x = tokenizer._preprocess(frames)  # (B, 3, 64, 64) in [-1, 1]
-    return {"total": tokenizer.reconstruction_term(x - unquantized(tokenizer, x))}
+    return {"total": tokenizer.reconstruction_term(x - unquantized(tokenizer, x), weights)}
 
 
 @torch.no_grad()
@@ -168,15 +185,42 @@ def reconstruct(
     return tokens, images
 
 
+def ball_metrics(
+    x: torch.Tensor, x_hat: torch.Tensor, median: torch.Tensor, region: tuple[slice, slice] | None
+) -> dict[str, float]:
+    """The ball's pixels: the foreground of frames x (B, 3, 64, 64) in [0, 1] inside the game's BALL_REGIONS. Their
+    L1 in x̂ against the median frame's (which draws no ball), and the share of the frames with a ball whose x̂ draws
+    it: mean L1 on its pixels under half the median frame's. NaN for a game without a region or frames without a ball."""
+    if region is None:
+        return {"ball_l1": NAN, "ball_l1_median": NAN, "ball_drawn": NAN}
+    window = (slice(None), slice(None), *region)
+    x, x_hat, median = x[window], x_hat[window], median[window[1:]]  # (B, 3, h, w), (3, h, w)
+    ball = foreground(x, median)  # (B, 1, h, w)
+    has_ball = ball.flatten(1).any(dim=1)  # (B,)
+    if not has_ball.any():
+        return {"ball_l1": NAN, "ball_l1_median": NAN, "ball_drawn": NAN}
+    pixels = ball.float().sum(dim=(1, 2, 3)).clamp(min=1) * 3  # (B,) ball elements per frame
+    error = ((x - x_hat).abs() * ball).sum(dim=(1, 2, 3)) / pixels  # (B,) mean L1 of x̂ on the ball
+    contrast = ((x - median).abs() * ball).sum(dim=(1, 2, 3)) / pixels  # (B,) the median frame's
+    return {
+        "ball_l1": error[has_ball].mean().item(),
+        "ball_l1_median": contrast[has_ball].mean().item(),
+        "ball_drawn": (error < contrast / 2)[has_ball].float().mean().item(),
+    }
+
+
 def tokenizer_metrics(
-    tokenizer: Tokenizer, frames: torch.Tensor, median: torch.Tensor, continuous: bool = False
+    tokenizer: Tokenizer,
+    frames: torch.Tensor,
+    median: torch.Tensor,
+    continuous: bool = False,
+    ball_region: tuple[slice, slice] | None = None,
 ) -> dict[str, float]:
     """Held-out frames (B, 3, 64, 64) uint8, median frame (3, 64, 64) in [0, 1] -> the stage-1 measurements
-    (continuous: of D(E(x)) without the codebook, with no codes to count)."""
+    (continuous: of D(E(x)) without the codebook, with no codes to count; ball_region: where ball_drawn looks)."""
     x = to_unit(frames)  # (B, 3, 64, 64)
     tokens, x_hat = reconstruct(tokenizer, frames, continuous)
-    foreground = ((x - median).abs().amax(dim=1) > FOREGROUND_THRESHOLD).unsqueeze(1)  # (B, 1, 64, 64)
-    fg = foreground.expand_as(x)
+    fg = foreground(x, median).expand_as(x)  # (B, 3, 64, 64)
     distances = torch.cdist(x.flatten(1), x_hat.flatten(1), p=1) / x[0].numel()  # (B, B) mean L1 of x_i to x̂_j
     same_frame = torch.cdist(x.flatten(1), x.flatten(1), p=1) == 0  # identical frames cannot be told apart
     pairs = ~same_frame  # ordered pairs (i, j) of different frames
@@ -187,6 +231,7 @@ def tokenizer_metrics(
         "fg_l1": (x - x_hat).abs()[fg].mean().item(),
         "fg_l1_median": (x - median).abs()[fg].mean().item(),
         "discrimination": closer[pairs].float().mean().item(),
+        **ball_metrics(x, x_hat, median, ball_region),
         **(token_usage(tokens) if tokens is not None else {"codes_used": NAN, "distinct_frames": NAN}),
     }
 
@@ -204,9 +249,9 @@ def save_reconstructions(tokenizer: Tokenizer, frames: torch.Tensor, path: Path,
 
 def picture_frames(frames: torch.Tensor, median: torch.Tensor, count: int) -> torch.Tensor:
     """count of the held-out frames (B, 3, 64, 64) with the most foreground (ball in play), spread over them."""
-    foreground = ((to_unit(frames) - median).abs().amax(dim=1) > FOREGROUND_THRESHOLD).flatten(1).sum(1)  # (B,)
+    pixels = foreground(to_unit(frames), median).flatten(1).sum(1)  # (B,)
     stride = len(frames) // count
-    picks = [i * stride + int(foreground[i * stride : (i + 1) * stride].argmax()) for i in range(count)]
+    picks = [i * stride + int(pixels[i * stride : (i + 1) * stride].argmax()) for i in range(count)]
     return frames[picks]
 
 
@@ -248,7 +293,8 @@ def fit_tokenizer(
     args: argparse.Namespace,
     path: Path,
 ) -> bool:
-    """Stage 1's loop: Adam steps on frames drawn from train, with dead-code restarts if asked, and the held-out
+    """Stage 1's loop: Adam steps on frames drawn from train (foreground pixels weighted if asked, against median),
+    with dead-code restarts if asked, and the held-out
     measurements every --eval_every steps, printed and written to path. Returns whether it ended before the codebook
     was used (--continuous_steps at least --steps, or --minutes up before them)."""
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.lr, betas=ADAM_BETAS)
@@ -261,6 +307,9 @@ def fit_tokenizer(
         "fg_l1",
         "fg_l1_median",
         "discrimination",
+        "ball_l1",
+        "ball_l1_median",
+        "ball_drawn",
         "codes_used",
         "distinct_frames",
     ]
@@ -277,7 +326,7 @@ def fit_tokenizer(
                     "step": step,
                     "minutes": (time.time() - start) / 60,
                     "loss": loss,
-                    **tokenizer_metrics(tokenizer, eval_frames, median, continuous),
+                    **tokenizer_metrics(tokenizer, eval_frames, median, continuous, BALL_REGIONS.get(args.game)),
                 }
             )
         if last:
@@ -285,7 +334,8 @@ def fit_tokenizer(
         if args.restart_every and step % args.restart_every == 0 and step and not continuous:
             tokenizer.restart_unused_codes(train.sample_frames(RESTART_FRAMES))
         frames = train.sample_frames(args.batch)
-        losses = continuous_losses(tokenizer, frames) if continuous else tokenizer.loss(frames)
+        weights = pixel_weights(frames, median, args.foreground_weight)  # (B, 1, 64, 64) or None
+        losses = continuous_losses(tokenizer, frames, weights) if continuous else tokenizer.loss(frames, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         loss = losses["total"].item()
@@ -369,7 +419,7 @@ def load_run(
         run_dir,
         agent,
         ReplayBuffer.load(run_dir / "replay"),
-        argparse.Namespace(**{**vars(args), "batch": batch, "lr": lr}),
+        argparse.Namespace(**{**vars(args), "batch": batch, "lr": lr, "game": agent.config.game}),
     )
 
 
@@ -387,7 +437,7 @@ def run_tokenizer(args: argparse.Namespace) -> None:
     buffer.truncate(split)
     frames = buffer.observations[torch.randperm(split)[:MEDIAN_FRAMES]]
     median = to_unit(frames).median(dim=0).values  # (3, 64, 64)
-    own = tokenizer_metrics(agent.tokenizer, eval_frames, median)
+    own = tokenizer_metrics(agent.tokenizer, eval_frames, median, ball_region=BALL_REGIONS.get(args.game))
     print("the run's own E, on the held-out frames: " + ", ".join(f"{k} {v:.4g}" for k, v in own.items()))
     picture = Path(args.out) / "run_tokenizer_own.png"  # the run's own D(E(x)) under held-out frames
     save_reconstructions(agent.tokenizer, picture_frames(eval_frames, median, PICTURE_FRAMES), picture)
@@ -798,6 +848,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("ch", "z_channels", "vocab_size", "embed_dim"):
         tok.add_argument(f"--{name}", type=int, default=TOKENIZER_SMALL[name])
     tok.add_argument("--reconstruction_loss", choices=RECONSTRUCTION_LOSSES, default="l1", help="l1: Appendix A.1")
+    tok.add_argument(
+        "--foreground_weight",
+        type=float,
+        default=0.0,
+        help="w: reconstruction errors of foreground pixels count 1 + w times (not the paper; 0: unweighted, the paper)",
+    )
     tok.add_argument(
         "--continuous_steps",
         type=int,

@@ -51,7 +51,7 @@ from actor_critic import (
 from agent import authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
 from env import ATARI_100K_GAMES, EnvConfig, action_names, canonical_game, make_env, run_episodes
 from replay import ReplayBuffer
-from tokenizer import PerceptualLoss, Tokenizer, TokenizerConfig, commitment_losses
+from tokenizer import RECONSTRUCTION_LOSSES, PerceptualLoss, Tokenizer, TokenizerConfig, commitment_losses
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv, interleave, sample
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -911,6 +911,25 @@ def test_tokenizer_loss_terms_computed_by_hand(vgg_tokenizer):
         p = counts[counts > 0] / counts.sum()
         assert losses["codebook_usage"].item() == pytest.approx(len(p) / 64)
         assert losses["codebook_perplexity"].item() == pytest.approx(math.exp(-(p * p.log()).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("reconstruction_loss", RECONSTRUCTION_LOSSES)
+def test_tokenizer_pixel_weights_scale_each_pixels_reconstruction_error(reconstruction_loss):
+    """learn.py --foreground_weight's pixel weights (B, 1, 64, 64): each pixel's |error| (or squared error) times its
+    weight, over all elements; in loss(), only the reconstruction term changes."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(perceptual_weight=0.0, reconstruction_loss=reconstruction_loss)
+    error = torch.randn(2, 3, 64, 64)
+    weights = torch.ones(2, 1, 64, 64)
+    weights[1, 0, 5, 7] = 21.0  # one pixel of the second frame counts 21 times
+    per_element = error.abs() if reconstruction_loss == "l1" else error.pow(2)
+    by_hand = (per_element.sum() + 20 * per_element[1, :, 5, 7].sum()) / error.numel()
+    assert tokenizer.reconstruction_term(error, weights).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert tokenizer.reconstruction_term(error).item() == pytest.approx(per_element.mean().item(), rel=1e-5)
+    frames = random_frames(2)
+    plain, doubled = tokenizer.loss(frames), tokenizer.loss(frames, torch.full((2, 1, 64, 64), 2.0))
+    torch.testing.assert_close(doubled["reconstruction"], 2 * plain["reconstruction"])
+    torch.testing.assert_close(doubled["total"] - doubled["reconstruction"], plain["total"] - plain["reconstruction"])
 
 
 def test_tokenizer_offline_vgg_error_names_file_and_switch(monkeypatch, tmp_path):
@@ -2022,6 +2041,41 @@ def test_learn_kmeans_codebook_puts_each_code_at_the_mean_of_its_encoder_outputs
     assert torch.cdist(y, codes).amin(dim=1).mean() < torch.cdist(y, picked).amin(dim=1).mean()
 
 
+def test_learn_foreground_weights_and_ball_measures_on_a_drawn_pong_frame():
+    """--foreground_weight w: 1 + w on the pixels that differ from the median frame (ball, paddle, score), 1 elsewhere.
+    The ball's measures look only inside Pong's field (not at the paddle or score): the median frame (no ball) has
+    the ball's own contrast as L1 and draws it in no frame; x itself draws it in every frame with a ball."""
+    import learn
+
+    median = torch.tensor([0.56, 0.28, 0.07]).view(3, 1, 1).expand(3, 64, 64)  # Pong's brown
+    x = median.repeat(3, 1, 1, 1)  # (3, 3, 64, 64): frame 2 has no ball
+    white = torch.tensor([0.93, 0.93, 0.93])
+    x[0, :, 30, 40] = x[1, :, 20, 12] = white  # the balls
+    x[:2, :, 30, 57] = torch.tensor([0.36, 0.73, 0.36]).view(1, 3)  # the agent's paddle (green), outside the field
+    x[:, :, 2, 15] = white  # a score digit, outside the field
+    frames = (x * 255).round().to(torch.uint8)
+    weights = learn.pixel_weights(frames, median, 20.0)  # (3, 1, 64, 64)
+    foreground = torch.zeros(3, 1, 64, 64, dtype=torch.bool)
+    foreground[0, 0, 30, 40] = foreground[1, 0, 20, 12] = True
+    foreground[:2, 0, 30, 57] = foreground[:, 0, 2, 15] = True
+    assert torch.equal(weights, 1 + 20 * foreground.float()) and learn.pixel_weights(frames, median, 0.0) is None
+    pong = learn.BALL_REGIONS["Pong"]
+    contrast = (white - median[:, 0, 0]).abs().mean().item()  # 0.54
+    background = median.expand_as(x)
+    assert learn.ball_metrics(x, background, median, pong) == pytest.approx(
+        {"ball_l1": contrast, "ball_l1_median": contrast, "ball_drawn": 0.0}, rel=1e-5
+    )
+    assert learn.ball_metrics(x, x, median, pong) == {
+        "ball_l1": 0.0,
+        "ball_l1_median": pytest.approx(contrast),
+        "ball_drawn": 1.0,
+    }
+    no_second_ball = x.clone()
+    no_second_ball[1, :, 20, 12] = median[:, 0, 0]  # drawn in frame 0 only; frame 2 (no ball) does not count
+    assert learn.ball_metrics(x, no_second_ball, median, pong)["ball_drawn"] == 0.5
+    assert all(math.isnan(v) for v in learn.ball_metrics(x, x, median, None).values())  # a game without a region
+
+
 def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tmp_path):
     """learn.py --continuous_steps: D(E(x)) with E's output y straight into D (worked out here from the layers); the
     loss is the reconstruction term alone, so the codebook gets no gradient; no codes are counted until the switch."""
@@ -2043,6 +2097,9 @@ def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tm
     learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "1"])
     rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
     assert rows[0]["codes_used"] == "nan" and int(rows[1]["codes_used"]) > 0  # tokens from step 1, k-means codes
+    learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "1", "--foreground_weight", "20"])
+    weighted = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
+    assert float(weighted[1]["loss"]) > float(rows[1]["loss"])  # the same first batch, its foreground counted 21x
     learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "2"])  # as many as --steps
     rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
     assert [r["codes_used"] for r in rows] == ["nan"] * 3  # no codebook to the end

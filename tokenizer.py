@@ -292,10 +292,12 @@ class Tokenizer(nn.Module):
         """
         return self.decode(self.encode(frames))
 
-    def loss(self, frames: Tensor) -> dict[str, Tensor]:
+    def loss(self, frames: Tensor, pixel_weights: Tensor | None = None) -> dict[str, Tensor]:
         """Appendix A.1 objective, equally weighted terms:
 
         L(E, D, codebook) = ||x - D(z)||_1 + ||sg(E(x)) - e(z)||_2^2 + ||sg(e(z)) - E(x)||_2^2 + L_perceptual(x, D(z))
+
+        pixel_weights (B, 1, 64, 64), if given, weight the first term per pixel (reconstruction_term; not the paper).
         """
         x = self._preprocess(frames)  # (B, 3, 64, 64) in [-1, 1]
         y = self._encode_continuous(x)  # E(x), (B, d, h, w)
@@ -307,7 +309,7 @@ class Tokenizer(nn.Module):
         # Differs from the paper (as the reference code): norms are averaged over elements, not summed, and L1 is
         # taken in the network's [-1, 1] space (twice the L1 in [0, 1]).
         error = x - reconstruction  # (B, 3, 64, 64)
-        losses = {"reconstruction": self.reconstruction_term(error)}  # Appendix A.1, term 1
+        losses = {"reconstruction": self.reconstruction_term(error, pixel_weights)}  # Appendix A.1, term 1
         losses["codebook"], losses["commitment"] = commitment_losses(y, z_q)  # Appendix A.1, terms 2 and 3
         total = losses["reconstruction"] + losses["codebook"] + losses["commitment"]
         if self.config.perceptual_weight > 0:
@@ -321,14 +323,16 @@ class Tokenizer(nn.Module):
         losses.update(codebook_metrics(tokens, self.config.vocab_size))
         return losses
 
-    def reconstruction_term(self, error: Tensor) -> Tensor:
+    def reconstruction_term(self, error: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
         """Appendix A.1, term 1, of error = x - D(z) (B, 3, 64, 64): mean |error|, or mean squared error when
-        reconstruction_loss = "l2".
+        reconstruction_loss = "l2"; each pixel's errors times pixel_weights (B, 1, 64, 64) if given.
 
         Differs from the paper when reconstruction_loss = "l2": without L_perceptual, the L1 term alone left small
-        objects (a 16x16 ball, Pong's ball, Boxing's boxers) out of D's frames; squared errors learn them.
+        objects (a 16x16 ball, Pong's ball, Boxing's boxers) out of D's frames; squared errors learn them. Pixel
+        weights are not the paper either: learn.py --foreground_weight, for Pong's one-pixel ball.
         """
-        return error.abs().mean() if self.config.reconstruction_loss == "l1" else error.pow(2).mean()
+        per_element = error.abs() if self.config.reconstruction_loss == "l1" else error.pow(2)  # (B, 3, 64, 64)
+        return per_element.mean() if pixel_weights is None else (pixel_weights * per_element).mean()
 
     @torch.no_grad()
     def restart_unused_codes(self, frames: Tensor) -> int:
