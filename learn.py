@@ -59,6 +59,8 @@ PICTURE_SCALE = 4  # nearest-neighbour upscaling of the pictures
 EVAL_SEGMENTS = 256  # held-out segments for the world model's measurements
 DREAM_STEPS = 40  # imagined steps in the GIF
 DREAM_TRAJECTORIES = 4  # imagined trajectories side by side in the GIF
+DREAM_STARTS = 64  # imagined trajectories whose ball is measured (the GIF shows the first DREAM_TRAJECTORIES)
+DREAM_WINDOW = 10  # imagined steps per row of the dream's ball table
 GIF_MS = 100  # milliseconds per frame of the GIF
 ENCODE_BATCH = 256  # frames per tokenizer call when encoding the data sets
 MAX_GRAD_NORM = 10.0  # gradient clipping, Table 5
@@ -530,7 +532,13 @@ def train_world_model(args: argparse.Namespace) -> None:
     heldout_data = fixed_segments(heldout, tokens["heldout"], config.max_timesteps)
     fit_world_model(model, train, tokens["train"], heldout_data, args, out / "world_model_metrics.csv")
     atomic_save({"config": config.__dict__, "model": model.state_dict()}, out / "world_model.pt")
-    save_dream(tokenizer, model, heldout, tokens["heldout"], out / "dream.gif", args.seed)
+    real, dreamed = dream(tokenizer, model, heldout, tokens["heldout"], args.seed)
+    save_dream(real[:DREAM_TRAJECTORIES], dreamed[:DREAM_TRAJECTORIES], out / "dream.gif")
+    region = BALL_REGIONS.get(args.game)
+    if region is not None:
+        frames = train.observations[torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))]
+        median = to_unit(frames[:MEDIAN_FRAMES]).median(dim=0).values  # (3, 64, 64)
+        dream_ball_table(real, dreamed, median, region, out / "dream_ball.csv")
     print(f"saved {out / 'world_model.pt'}, {out / 'dream.gif'}")
 
 
@@ -588,18 +596,16 @@ def fit_world_model(
 
 
 @torch.no_grad()
-def save_dream(
-    tokenizer: Tokenizer, model: WorldModel, buffer: ReplayBuffer, tokens: torch.Tensor, path: Path, seed: int
-) -> None:
-    """GIF: for DREAM_TRAJECTORIES real held-out starts, the real frames (top) above G's imagination (bottom),
-    driven by the recorded actions."""
-    from PIL import Image
-
+def dream(
+    tokenizer: Tokenizer, model: WorldModel, buffer: ReplayBuffer, tokens: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Section 2.3's imagination from DREAM_STARTS real held-out frames, driven by the recorded actions: the real
+    frames and the imagined ones x̂_0 = D(z_0), ..., x̂_T, both (B, T+1, 3, 64, 64) in [0, 1]."""
     torch.manual_seed(seed)
     starts, lengths = buffer._episode_table()
     long_enough = torch.nonzero(lengths > DREAM_STEPS + 1).squeeze(1)
-    first = starts[long_enough[torch.randint(len(long_enough), (DREAM_TRAJECTORIES,))]]
-    first = first + (torch.rand(DREAM_TRAJECTORIES) * (lengths[long_enough].min() - DREAM_STEPS - 1)).long()  # (B,)
+    first = starts[long_enough[torch.randint(len(long_enough), (DREAM_STARTS,))]]
+    first = first + (torch.rand(DREAM_STARTS) * (lengths[long_enough].min() - DREAM_STEPS - 1)).long()  # (B,)
     steps = first[:, None] + torch.arange(DREAM_STEPS + 1)  # (B, T+1)
     real = to_unit(buffer.observations[steps])  # (B, T+1, 3, 64, 64)
     actions = buffer._data["actions"][steps]  # (B, T+1)
@@ -607,7 +613,52 @@ def save_dream(
     dreamed = [env.reset_from_tokens(tokens[steps[:, 0]])]  # x̂_0 (B, 3, 64, 64)
     for t in range(DREAM_STEPS):
         dreamed.append(env.step(actions[:, t])[2])
-    dreamed = torch.stack(dreamed, dim=1)  # (B, T+1, 3, 64, 64)
+    return real, torch.stack(dreamed, dim=1)  # (B, T+1, 3, 64, 64) each
+
+
+def ball_positions(frames: torch.Tensor, median: torch.Tensor, region: tuple[slice, slice]) -> torch.Tensor:
+    """Frames (..., 3, 64, 64) in [0, 1] -> the ball's (row, column) in pixels (..., 2): the centroid of the
+    foreground inside region (BALL_REGIONS), weighted by its contrast to the median frame; NaN without a ball."""
+    contrast = (frames - median).abs().amax(dim=-3)[(..., *region)]  # (..., h, w)
+    weight = contrast * (contrast > FOREGROUND_THRESHOLD)
+    rows = torch.arange(region[0].start, region[0].stop, dtype=frames.dtype)  # (h,)
+    columns = torch.arange(region[1].start, region[1].stop, dtype=frames.dtype)  # (w,)
+    total = weight.sum(dim=(-2, -1))  # (...,)
+    row = (weight.sum(-1) * rows).sum(-1) / total
+    column = (weight.sum(-2) * columns).sum(-1) / total
+    return torch.stack([row, column], dim=-1).masked_fill((total == 0).unsqueeze(-1), NAN)
+
+
+def dream_ball_table(
+    real: torch.Tensor, dreamed: torch.Tensor, median: torch.Tensor, region: tuple[slice, slice], path: Path
+) -> None:
+    """Does G's ball move as the real one? Over the imagined steps t >= 1 (rows of DREAM_WINDOW steps) where the real
+    frame has a ball: the share of x̂_t that draw one; and, where both do, the distance (pixels) from the real ball
+    to x̂_t's, against a frozen ball's (the real ball of step 0, where it had one)."""
+    p, q = ball_positions(real, median, region), ball_positions(dreamed, median, region)  # (B, T+1, 2) each
+    frozen = p[:, :1].expand_as(p)  # (B, T+1, 2)
+    table = Table(["steps", "real_balls", "drawn", "distance", "frozen_distance"], path)
+    for first in range(1, real.shape[1], DREAM_WINDOW):
+        window = slice(first, first + DREAM_WINDOW)
+        p_w, q_w, f_w = p[:, window], q[:, window], frozen[:, window]
+        has_ball = ~p_w[..., 0].isnan()  # (B, W)
+        both = has_ball & ~q_w[..., 0].isnan() & ~f_w[..., 0].isnan()
+        table.row(
+            {
+                "steps": f"{first}-{first + p_w.shape[1] - 1}",
+                "real_balls": int(has_ball.sum()),
+                "drawn": (~q_w[..., 0].isnan())[has_ball].float().mean().item() if has_ball.any() else NAN,
+                "distance": (p_w - q_w).norm(dim=-1)[both].mean().item() if both.any() else NAN,
+                "frozen_distance": (p_w - f_w).norm(dim=-1)[both].mean().item() if both.any() else NAN,
+            }
+        )
+
+
+def save_dream(real: torch.Tensor, dreamed: torch.Tensor, path: Path) -> None:
+    """GIF: real held-out frames (top) above G's imagination from the first of them (bottom), both (B, T+1, 3, 64, 64)
+    in [0, 1]; and a PNG of the middle step."""
+    from PIL import Image
+
     images = []
     for t in range(DREAM_STEPS + 1):
         grid = torch.stack([real[:, t], dreamed[:, t]])  # (2, B, 3, 64, 64)

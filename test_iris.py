@@ -2076,6 +2076,32 @@ def test_learn_foreground_weights_and_ball_measures_on_a_drawn_pong_frame():
     assert all(math.isnan(v) for v in learn.ball_metrics(x, x, median, None).values())  # a game without a region
 
 
+def test_learn_dream_ball_table_measures_a_moving_ball_against_a_frozen_one(tmp_path):
+    """The ball's position is the contrast-weighted centroid of Pong's field (the paddle outside it is not the ball);
+    a dream that moves the ball as the real game is at distance 0, one that freezes it at the frozen distance."""
+    import learn
+
+    median = torch.tensor([0.56, 0.28, 0.07]).view(3, 1, 1).expand(3, 64, 64)
+    real = median.repeat(2, 12, 1, 1, 1)  # (B=2, T+1=12, 3, 64, 64)
+    for t in range(12):
+        real[:, t, :, 30, 20 + t] = 0.93  # the ball moves right, 1 pixel per step
+        real[:, t, :, 40, 57] = 0.9  # the paddle, outside the field
+    real[1, :, :, 31, :] = real[1, :, :, 30, :]  # the second ball is two pixels tall
+    pong = learn.BALL_REGIONS["Pong"]
+    positions = learn.ball_positions(real, median, pong)  # (2, 12, 2)
+    assert torch.allclose(positions[0, 3], torch.tensor([30.0, 23.0])) and torch.allclose(
+        positions[1, 3], torch.tensor([30.5, 23.0])
+    )
+    assert learn.ball_positions(median, median, pong).isnan().all()  # no ball
+    frozen = real[:, :1].expand_as(real)
+    for dreamed, distance in ((real, 0.0), (frozen, sum(range(1, 11)) / 10)):  # steps 1-10: 1, ..., 10 pixels
+        learn.dream_ball_table(real, dreamed, median, pong, tmp_path / "ball.csv")
+        rows = list(csv.DictReader((tmp_path / "ball.csv").open()))
+        assert [r["steps"] for r in rows] == ["1-10", "11-11"] and rows[0]["real_balls"] == "20"
+        assert float(rows[0]["drawn"]) == 1.0 and float(rows[0]["frozen_distance"]) == pytest.approx(5.5)
+        assert float(rows[0]["distance"]) == pytest.approx(distance)
+
+
 def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tmp_path):
     """learn.py --continuous_steps: D(E(x)) with E's output y straight into D (worked out here from the layers); the
     loss is the reconstruction term alone, so the codebook gets no gradient; no codes are counted until the switch."""
