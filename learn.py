@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -144,6 +145,14 @@ def to_unit(frames: torch.Tensor) -> torch.Tensor:
 def unquantized(tokenizer: Tokenizer, x: torch.Tensor) -> torch.Tensor:
     """--continuous_steps: D(E(x)) with y = E(x) straight into D, no codebook. x, result (B, 3, 64, 64) in [-1, 1]."""
     return tokenizer._decode_continuous(tokenizer._encode_continuous(x))
+
+
+def cosine_lr(step: int, steps: int, lr: float, min_lr: float | None) -> float:
+    """--min_lr: the learning rate at step of steps, from lr at step 0 down to min_lr at the last along a half cosine
+    (as nanoGPT decays it, without warm-up); constant lr when min_lr is None (the paper, Table 2)."""
+    if min_lr is None:
+        return lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / max(steps, 1)))
 
 
 def foreground(x: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
@@ -295,15 +304,16 @@ def fit_tokenizer(
     args: argparse.Namespace,
     path: Path,
 ) -> bool:
-    """Stage 1's loop: Adam steps on frames drawn from train (foreground pixels weighted if asked, against median),
-    with dead-code restarts if asked, and the held-out
-    measurements every --eval_every steps, printed and written to path. Returns whether it ended before the codebook
-    was used (--continuous_steps at least --steps, or --minutes up before them)."""
+    """Stage 1's loop: Adam steps on frames drawn from train, with if asked foreground pixels weighted (against
+    median), dead-code restarts and a cosine decay of the learning rate, and the held-out measurements every
+    --eval_every steps, printed and written to path. Returns whether it ended before the codebook was used
+    (--continuous_steps at least --steps, or --minutes up before them)."""
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.lr, betas=ADAM_BETAS)
     print(f"{sum(p.numel() for p in tokenizer.parameters()):,} parameters, batch {args.batch}, lr {args.lr}")
     columns = [
         "step",
         "minutes",
+        "lr",
         "loss",
         "l1",
         "fg_l1",
@@ -320,6 +330,9 @@ def fit_tokenizer(
     for step in range(args.steps + 1):
         last = step == args.steps or time.time() - start > args.minutes * 60
         continuous = step < args.continuous_steps or args.continuous_steps >= args.steps
+        lr = cosine_lr(step, args.steps, args.lr, args.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         if step == args.continuous_steps and not continuous and step:
             kmeans_codebook(tokenizer, train.sample_frames(KMEANS_FRAMES))
         if step % args.eval_every == 0 or last:
@@ -327,6 +340,7 @@ def fit_tokenizer(
                 {
                     "step": step,
                     "minutes": (time.time() - start) / 60,
+                    "lr": lr,
                     "loss": loss,
                     **tokenizer_metrics(tokenizer, eval_frames, median, continuous, BALL_REGIONS.get(args.game)),
                 }
@@ -899,6 +913,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("ch", "z_channels", "vocab_size", "embed_dim"):
         tok.add_argument(f"--{name}", type=int, default=TOKENIZER_SMALL[name])
     tok.add_argument("--reconstruction_loss", choices=RECONSTRUCTION_LOSSES, default="l1", help="l1: Appendix A.1")
+    tok.add_argument(
+        "--min_lr",
+        type=float,
+        default=None,
+        help="cosine decay of the learning rate from --lr to this over --steps (not the paper; unset: constant)",
+    )
     tok.add_argument(
         "--foreground_weight",
         type=float,

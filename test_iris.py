@@ -2123,9 +2123,14 @@ def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tm
     learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "1"])
     rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
     assert rows[0]["codes_used"] == "nan" and int(rows[1]["codes_used"]) > 0  # tokens from step 1, k-means codes
+    assert len({r["lr"] for r in rows}) == 1  # the run's own learning rate, constant without --min_lr
     learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "1", "--foreground_weight", "20"])
     weighted = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
     assert float(weighted[1]["loss"]) > float(rows[1]["loss"])  # the same first batch, its foreground counted 21x
+    learn.main(["run_tokenizer", *args, "--eval_every", "1", "--steps", "3", "--lr", "1e-3", "--min_lr", "1e-4"])
+    rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
+    cosine = [1e-4 + 4.5e-4 * (1 + c) for c in (1, 0.5, -0.5, -1)]  # cos(0), cos(pi/3), cos(2 pi/3), cos(pi)
+    assert [float(r["lr"]) for r in rows] == pytest.approx(cosine)  # 7.75e-4 at step 1 (linear: 7e-4)
     learn.main(["run_tokenizer", *args, "--eval_every", "1", "--continuous_steps", "2"])  # as many as --steps
     rows = list(csv.DictReader((tmp_path / "run_tokenizer_metrics.csv").open()))
     assert [r["codes_used"] for r in rows] == ["nan"] * 3  # no codebook to the end
