@@ -31,6 +31,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from replay import ReplayBuffer, atomic_save, write_json
 from tokenizer import RECONSTRUCTION_LOSSES, Tokenizer, TokenizerConfig, postprocess, token_usage
 from train import FINAL_EVAL
 from world_model import WorldModel, WorldModelConfig, WorldModelEnv
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 GAME = "Pong"
 TRAIN_STEPS = 40_000  # real steps of the training data set
@@ -62,6 +66,7 @@ DREAM_STEPS = 40  # imagined steps in the GIF
 DREAM_TRAJECTORIES = 4  # imagined trajectories side by side in the GIF
 DREAM_STARTS = 64  # imagined trajectories whose ball is measured (the GIF shows the first DREAM_TRAJECTORIES)
 DREAM_WINDOW = 10  # imagined steps per row of the dream's ball table
+DREAM_STRIDE = 2  # imagined steps between the columns of the dream's PNG
 GIF_MS = 100  # milliseconds per frame of the GIF
 ENCODE_BATCH = 256  # frames per tokenizer call when encoding the data sets
 MAX_GRAD_NORM = 10.0  # gradient clipping, Table 5
@@ -249,13 +254,18 @@ def tokenizer_metrics(
 
 def save_reconstructions(tokenizer: Tokenizer, frames: torch.Tensor, path: Path, continuous: bool = False) -> None:
     """PNG: held-out frames (top row) above D(E(x)) (bottom row)."""
+    _, x_hat = reconstruct(tokenizer, frames, continuous)
+    two_rows(to_unit(frames), x_hat).save(path)
+
+
+def two_rows(top: torch.Tensor, bottom: torch.Tensor) -> Image.Image:
+    """Frames (B, 3, 64, 64) in [0, 1]: top's above bottom's, side by side, upscaled PICTURE_SCALE times."""
     from PIL import Image
 
-    _, x_hat = reconstruct(tokenizer, frames, continuous)
-    rows = torch.stack([to_unit(frames), x_hat])  # (2, B, 3, 64, 64)
-    grid = rows.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (2*64, B*64, 3)
+    grid = torch.stack([top, bottom])  # (2, B, 3, 64, 64)
+    grid = grid.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (2*64, B*64, 3)
     grid = grid.repeat_interleave(PICTURE_SCALE, 0).repeat_interleave(PICTURE_SCALE, 1)
-    Image.fromarray(grid.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()).save(path)
+    return Image.fromarray(grid.clamp(0, 1).mul(255).round().to(torch.uint8).numpy())
 
 
 def picture_frames(frames: torch.Tensor, median: torch.Tensor, count: int) -> torch.Tensor:
@@ -670,17 +680,11 @@ def dream_ball_table(
 
 def save_dream(real: torch.Tensor, dreamed: torch.Tensor, path: Path) -> None:
     """GIF: real held-out frames (top) above G's imagination from the first of them (bottom), both (B, T+1, 3, 64, 64)
-    in [0, 1]; and a PNG of the middle step."""
-    from PIL import Image
-
-    images = []
-    for t in range(DREAM_STEPS + 1):
-        grid = torch.stack([real[:, t], dreamed[:, t]])  # (2, B, 3, 64, 64)
-        grid = grid.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (2*64, B*64, 3)
-        grid = grid.repeat_interleave(PICTURE_SCALE, 0).repeat_interleave(PICTURE_SCALE, 1)
-        images.append(Image.fromarray((grid.clamp(0, 1) * 255).byte().numpy()))
+    in [0, 1]; and a PNG of the first trajectory's steps 0, DREAM_STRIDE, ... (PICTURE_FRAMES of them)."""
+    images = [two_rows(real[:, t], dreamed[:, t]) for t in range(real.shape[1])]
     images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_MS, loop=0)
-    images[DREAM_STEPS // 2].save(path.with_suffix(".png"))
+    steps = torch.arange(PICTURE_FRAMES) * DREAM_STRIDE
+    two_rows(real[0, steps], dreamed[0, steps]).save(path.with_suffix(".png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
