@@ -1,8 +1,9 @@
 """Does it learn? The components of IRIS trained alone on real Atari frames, with held-out measurements.
 
     python learn.py tokenizer      # stage 1: E, D and the codebook (Section 2.1, Appendix A.1) on Pong frames
-    python learn.py tokenizer --reconstruction_loss l2 --continuous_steps 3000 --steps 5000   # Pong's tokens
-                                   # past the codebook's collapse: E and D alone first (README "Does it learn?")
+    python learn.py tokenizer --reconstruction_loss l2 --continuous_steps 3000 --steps 5000 --foreground_weight 20
+                              --min_lr 1e-4  # Pong's tokens past the codebook's collapse (E and D alone first),
+                                             # with the ball drawn (README "Does it learn?")
     python learn.py world_model    # stage 2: G (Section 2.2, Eqs. (1)-(3), Appendix A.2) on the stage-1 tokens
     python learn.py curve --runs runs/boxing_small_s0 [...]   # stage 3: train.py's runs (Algorithm 1) against
                                                             # a random policy: a table and a learning-curve PNG
@@ -233,7 +234,7 @@ def tokenizer_metrics(
     ball_region: tuple[slice, slice] | None = None,
 ) -> dict[str, float]:
     """Held-out frames (B, 3, 64, 64) uint8, median frame (3, 64, 64) in [0, 1] -> the stage-1 measurements
-    (continuous: of D(E(x)) without the codebook, with no codes to count; ball_region: where ball_drawn looks)."""
+    (continuous: of D(E(x)) without the codebook, with no codes to count; ball_region: see ball_metrics)."""
     x = to_unit(frames)  # (B, 3, 64, 64)
     tokens, x_hat = reconstruct(tokenizer, frames, continuous)
     fg = foreground(x, median).expand_as(x)  # (B, 3, 64, 64)
@@ -658,10 +659,12 @@ def dream_ball_table(
 ) -> None:
     """Does G's ball move as the real one? Over the imagined steps t >= 1 (rows of DREAM_WINDOW steps) where the real
     frame has a ball: the share of x̂_t that draw one; and, where both do, the distance (pixels) from the real ball
-    to x̂_t's, against a frozen ball's (the real ball of step 0, where it had one)."""
+    to x̂_t's, against two balls that know nothing of the dynamics: a frozen one (the real ball of step 0, where it
+    had one) and one at the real balls' mean position."""
     p, q = ball_positions(real, median, region), ball_positions(dreamed, median, region)  # (B, T+1, 2) each
     frozen = p[:, :1].expand_as(p)  # (B, T+1, 2)
-    table = Table(["steps", "real_balls", "drawn", "distance", "frozen_distance"], path)
+    mean = p.flatten(0, 1).nanmean(dim=0)  # (2,)
+    table = Table(["steps", "real_balls", "drawn", "distance", "frozen_distance", "mean_distance"], path)
     for first in range(1, real.shape[1], DREAM_WINDOW):
         window = slice(first, first + DREAM_WINDOW)
         p_w, q_w, f_w = p[:, window], q[:, window], frozen[:, window]
@@ -674,6 +677,7 @@ def dream_ball_table(
                 "drawn": (~q_w[..., 0].isnan())[has_ball].float().mean().item() if has_ball.any() else NAN,
                 "distance": (p_w - q_w).norm(dim=-1)[both].mean().item() if both.any() else NAN,
                 "frozen_distance": (p_w - f_w).norm(dim=-1)[both].mean().item() if both.any() else NAN,
+                "mean_distance": (p_w - mean).norm(dim=-1)[both].mean().item() if both.any() else NAN,
             }
         )
 

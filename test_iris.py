@@ -2100,6 +2100,9 @@ def test_learn_dream_ball_table_measures_a_moving_ball_against_a_frozen_one(tmp_
         assert [r["steps"] for r in rows] == ["1-10", "11-11"] and rows[0]["real_balls"] == "20"
         assert float(rows[0]["drawn"]) == 1.0 and float(rows[0]["frozen_distance"]) == pytest.approx(5.5)
         assert float(rows[0]["distance"]) == pytest.approx(distance)
+        mean = torch.tensor([30.25, 25.5])  # of both balls over the 12 steps
+        to_mean = sum((positions[b, t] - mean).norm() for b in range(2) for t in range(1, 11)) / 20
+        assert float(rows[0]["mean_distance"]) == pytest.approx(to_mean.item(), rel=1e-5)
 
 
 def test_learn_continuous_trains_e_and_d_without_the_codebook(train_tiny_run, tmp_path):
