@@ -207,7 +207,7 @@ def ball_metrics(
 ) -> dict[str, float]:
     """The ball's pixels: the foreground of frames x (B, 3, 64, 64) in [0, 1] inside the game's BALL_REGIONS. Their
     L1 in x̂ against the median frame's (which draws no ball), and the share of the frames with a ball whose x̂ draws
-    it: mean L1 on its pixels under half the median frame's. NaN for a game without a region or frames without a ball."""
+    it: mean L1 on its pixels under half the median frame's. NaN for a game without a region or a ball in frames."""
     if region is None:
         return {"ball_l1": NAN, "ball_l1_median": NAN, "ball_drawn": NAN}
     window = (slice(None), slice(None), *region)
@@ -931,7 +931,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--foreground_weight",
         type=float,
         default=0.0,
-        help="w: reconstruction errors of foreground pixels count 1 + w times (not the paper; 0: unweighted, the paper)",
+        help="w: reconstruction errors of foreground pixels count 1 + w times (not the paper; 0: unweighted)",
     )
     tok.add_argument(
         "--continuous_steps",
