@@ -60,6 +60,7 @@ FOREGROUND_THRESHOLD = 0.1  # a pixel is foreground when a channel differs from 
 MEDIAN_FRAMES = 2_000  # training frames whose pixelwise median is the background
 # Pong's field at 64x64 between the walls (rows) and between the paddles (columns): its foreground is the ball alone.
 BALL_REGIONS = {"Pong": (slice(11, 58), slice(8, 56))}
+BALL_COLUMNS = ("ball_l1", "ball_l1_median", "ball_drawn")  # ball_metrics' measures, NaN where there is no ball
 PICTURE_FRAMES = 8  # columns of the reconstruction PNG
 PICTURE_SCALE = 4  # nearest-neighbour upscaling of the pictures
 EVAL_SEGMENTS = 256  # held-out segments for the world model's measurements
@@ -209,13 +210,13 @@ def ball_metrics(
     L1 in x̂ against the median frame's (which draws no ball), and the share of the frames with a ball whose x̂ draws
     it: mean L1 on its pixels under half the median frame's. NaN for a game without a region or a ball in frames."""
     if region is None:
-        return {"ball_l1": NAN, "ball_l1_median": NAN, "ball_drawn": NAN}
+        return dict.fromkeys(BALL_COLUMNS, NAN)
     window = (slice(None), slice(None), *region)
     x, x_hat, median = x[window], x_hat[window], median[window[1:]]  # (B, 3, h, w), (3, h, w)
     ball = foreground(x, median)  # (B, 1, h, w)
     has_ball = ball.flatten(1).any(dim=1)  # (B,)
     if not has_ball.any():
-        return {"ball_l1": NAN, "ball_l1_median": NAN, "ball_drawn": NAN}
+        return dict.fromkeys(BALL_COLUMNS, NAN)
     pixels = ball.float().sum(dim=(1, 2, 3)).clamp(min=1) * 3  # (B,) ball elements per frame
     error = ((x - x_hat).abs() * ball).sum(dim=(1, 2, 3)) / pixels  # (B,) mean L1 of x̂ on the ball
     contrast = ((x - median).abs() * ball).sum(dim=(1, 2, 3)) / pixels  # (B,) the median frame's
@@ -330,9 +331,7 @@ def fit_tokenizer(
         "fg_l1",
         "fg_l1_median",
         "discrimination",
-        "ball_l1",
-        "ball_l1_median",
-        "ball_drawn",
+        *BALL_COLUMNS,
         "codes_used",
         "distinct_frames",
     ]
